@@ -17,7 +17,7 @@ MAX_LENGTH = 77  # CLIP's context: SOT + 75 pieces + EOT
 N_MERGES = 48894  # lines 1..48894 of OpenAI's file (after its header) are the merges CLIP uses
 
 
-def _bytes_to_unicode() -> list[str]:
+def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table, in CLIP's vocabulary order."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -31,14 +31,14 @@ def _bytes_to_unicode() -> list[str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return [chr(c) for c in codes]
+    return {b: chr(c) for b, c in zip(printable, codes)}
 
 
 def convert_openai_bpe(bpe_gz: str | Path, out_dir: str | Path) -> Path:
     """Write vocab.json and merges.txt in the Hugging Face format from ``bpe_simple_vocab_16e6.txt.gz``."""
     lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
-    chars = _bytes_to_unicode()
+    chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out = Path(out_dir)
@@ -58,3 +58,17 @@ def load_tokenizer(path: str | None = None):
     from transformers import CLIPTokenizerFast
 
     return CLIPTokenizerFast.from_pretrained(str(path or ASSET_DIR), model_max_length=MAX_LENGTH)
+
+
+_BYTE_OF = {ch: b for b, ch in _bytes_to_unicode().items()}
+_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def readable_token(token: str) -> str:
+    """A CLIP piece as a person reads it: byte-level characters decoded ("cafÃ©</w>" -> "café</w>")."""
+    if token in _SPECIAL:
+        return token
+    body, end = (token[:-4], "</w>") if token.endswith("</w>") else (token, "")
+    if any(ch not in _BYTE_OF for ch in body):
+        return token
+    return bytes(_BYTE_OF[ch] for ch in body).decode("utf-8", errors="replace") + end
