@@ -149,8 +149,11 @@ def load_parser(name: str | None = None):
         raise ParserNotFound(f"No spaCy English pipeline is installed (looked for {', '.join(PREFERRED_PARSERS)}). {INSTALL_HINT}")
     try:
         nlp = spacy.load(candidates[0], exclude=["ner"])
-    except OSError as exc:
-        raise ParserNotFound(f"Cannot load the spaCy pipeline {candidates[0]!r}: {exc}. {INSTALL_HINT}") from None
+    except OSError:
+        raise ParserNotFound(
+            f"Cannot load the spaCy pipeline {candidates[0]!r}: it is neither an installed package nor a "
+            f"pipeline folder. {INSTALL_HINT}"
+        ) from None
     if "parser" not in nlp.pipe_names:
         raise ParserNotFound(f"The spaCy pipeline {candidates[0]!r} has no dependency parser. {INSTALL_HINT}")
     nlp.meta["binding_package"] = candidates[0]

@@ -1,0 +1,49 @@
+"""Pictures: the parse SVG is well-formed and shows any prompt text as text."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from binding.analysis import analyze, load_parser
+from binding.render import parse_svg
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_parser()
+
+
+def elements(svg: str) -> list[str]:
+    return [e.tag.rsplit("}", 1)[-1] for e in ET.fromstring(svg).iter()]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        'a <script>alert("x")</script> red car',
+        "a red <img src=x onerror=alert(1)> car & a blue ]]> bird",
+        "a <svg><foreignObject>bad</foreignObject></svg> red car",
+        "a red\x00\x0b car",
+    ],
+)
+def test_markup_in_prompt_renders_as_text(prompt, nlp):
+    svg = parse_svg(analyze(prompt, nlp))
+    tags = elements(svg)  # parses: the SVG is well-formed XML
+    assert set(tags) <= {"svg", "text", "tspan", "g", "path", "textPath"}
+    shown = "".join(e.text or "" for e in ET.fromstring(svg).iter() if e.tag.endswith("tspan"))
+    assert "<" in shown or "\ufffd" in shown  # the markup characters are there, as text
+
+
+def test_parse_svg_draws_every_word_and_arc(nlp):
+    result = analyze("a checkered bowl on a red and blue table", nlp)
+    root = ET.fromstring(parse_svg(result))
+    words = [e.text for e in root.iter() if e.get("class") == "displacy-word"]
+    labels = [e.text for e in root.iter() if e.tag.endswith("textPath")]
+    assert words == [w.text for w in result.words]
+    assert sorted(labels) == sorted(t.dep_ for t in result.doc if t.head.i != t.i)
+
+
+def test_empty_prompt_gives_empty_svg(nlp):
+    assert elements(parse_svg(analyze("", nlp))) == ["svg"]
