@@ -35,3 +35,107 @@ def parse_svg(analysis: Analysis, compact: bool = True) -> str:
         arcs.append({"start": min(a, b), "end": max(a, b), "label": t.dep_, "dir": "left" if a < b else "right"})
     options = {"compact": compact, "distance": 110 if compact else 150, "offset_x": 40, "word_spacing": 30}
     return displacy.render({"words": words, "arcs": arcs}, style="dep", manual=True, jupyter=False, options=options)
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+
+
+def heat_overlay(image, heat, opacity: float = 0.6, cmap: str = "jet"):
+    """``heat`` (H, W), any scale, upsampled onto ``image`` and blended with the given opacity."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    image = image.convert("RGB")
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32))
+    lo, hi = float(heat.min()), float(heat.max())
+    norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    small = Image.fromarray((norm * 255).astype(np.uint8))
+    big = np.asarray(small.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    colour = (colormaps[cmap](big)[..., :3] * 255).astype(np.float32)
+    base = np.asarray(image, dtype=np.float32)
+    opacity = float(min(max(opacity, 0.0), 1.0))
+    return Image.fromarray((base * (1 - opacity) + colour * opacity).clip(0, 255).astype(np.uint8))
+
+
+def heatmap_grid(rows, words, opacity: float = 0.6, cell: int = 160, cmap: str = "jet"):
+    """One row per run (e.g. vanilla, guided), one cell per word: the word's map over that run's image.
+
+    ``rows`` is a sequence of ``(label, image, maps)`` with maps (H, W, T) for CLIP positions 0..T-1.
+    Each cell is normalised on its own, so a faint map is still visible; compare places, not brightness.
+    """
+    from PIL import Image, ImageDraw
+
+    from binding.metrics import word_map
+
+    words = [w for w in words if w.token_indices]
+    label_w, title_h, pad = 90, 22, 4
+    width = label_w + max(len(words), 1) * (cell + pad)
+    height = len(rows) * (cell + title_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(14)
+    for r, (label, image, maps) in enumerate(rows):
+        y = pad + r * (cell + title_h + pad)
+        draw.text((6, y + title_h + cell // 2 - 8), str(label), fill="black", font=font)
+        for c, word in enumerate(words):
+            x = label_w + c * (cell + pad)
+            tile = heat_overlay(image.resize((cell, cell)), word_map(maps, word), opacity, cmap)
+            canvas.paste(tile, (x, y + title_h))
+            text = _fit(draw, word.text, font, cell)
+            draw.text((x + 2, y + 3), text, fill="black", font=font)
+    return canvas
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        try:
+            return ImageFont.load_default(size)
+        except TypeError:
+            return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """Shorten ``text`` with an ellipsis until it fits ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width - 4:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width - 4:
+        text = text[:-1]
+    return text + "…"
+
+
+def loss_plot(losses: dict, title: str = "guidance loss per step"):
+    """A small line plot of each loss term against the denoising step, as a PIL image."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(6, 2.6), dpi=100)
+    drawn = False
+    for name, values in losses.items():
+        steps = [i for i, v in enumerate(values) if v is not None]
+        if steps:
+            ax.plot(steps, [values[i] for i in steps], marker="o", markersize=3, label=name)
+            drawn = True
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no guidance loss (vanilla run)", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")

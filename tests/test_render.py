@@ -47,3 +47,22 @@ def test_parse_svg_draws_every_word_and_arc(nlp):
 
 def test_empty_prompt_gives_empty_svg(nlp):
     assert elements(parse_svg(analyze("", nlp))) == ["svg"]
+
+
+def test_heatmap_grid_places_heat_where_the_map_is():
+    import numpy as np
+    from PIL import Image
+
+    from binding.analysis import Word
+    from binding.render import heat_overlay, heatmap_grid, loss_plot
+
+    maps = np.zeros((4, 4, 4), dtype=np.float32)
+    maps[:, :2, 1] = 1.0  # "red" on the left half
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))
+    tile = np.asarray(heat_overlay(grey, maps[..., 1], opacity=1.0, cmap="gray"), dtype=float)
+    assert tile[:, :8].mean() > 200 and tile[:, -8:].mean() < 50
+    words = [Word("red", 0, 3, (1,)), Word("car", 4, 7, (2,)), Word("cut", 8, 11, ())]
+    grid = heatmap_grid([("vanilla", grey, maps), ("guided", grey, maps)], words, cell=40)
+    assert grid.size == (90 + 2 * 44, 2 * (40 + 22 + 4) + 4)  # two rows; the truncated word gets no cell
+    plot = loss_plot({"syngen": [1.0, 0.5, None]})
+    assert plot.size[0] > 100 and np.asarray(plot).std() > 0
