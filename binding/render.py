@@ -13,7 +13,20 @@ from binding.analysis import Analysis
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
-def parse_svg(analysis: Analysis, compact: bool = True) -> str:
+# One colour per binding, shared by every view (parse, tokens, tables) so a binding reads as one thing.
+PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def binding_colours(bindings) -> dict[int, str]:
+    """Character start of each bound word -> its binding's colour."""
+    colours = {}
+    for k, b in enumerate(bindings):
+        for w in (b.noun, *b.modifiers):
+            colours[w.start] = PALETTE[k % len(PALETTE)]
+    return colours
+
+
+def parse_svg(analysis: Analysis, compact: bool = True, bindings=None) -> str:
     """The dependency parse drawn by displacy, safe to embed in a page whatever the prompt says.
 
     displacy escapes every word it draws; we also drop characters XML forbids, so markup or script in a
@@ -25,7 +38,9 @@ def parse_svg(analysis: Analysis, compact: bool = True) -> str:
     doc = analysis.doc
     if doc is None or not len(doc) or not analysis.prompt.strip():
         return '<svg xmlns="http://www.w3.org/2000/svg" width="0" height="0"></svg>'
+    colours = binding_colours(analysis.bindings if bindings is None else bindings)
     words = [{"text": _XML_INVALID.sub("\ufffd", t.text), "tag": t.pos_} for t in doc if not t.is_space]
+    starts = [t.idx for t in doc if not t.is_space]
     index = {t.i: k for k, t in enumerate(t for t in doc if not t.is_space)}
     arcs = []
     for t in doc:
@@ -34,7 +49,31 @@ def parse_svg(analysis: Analysis, compact: bool = True) -> str:
         a, b = index[t.i], index[t.head.i]
         arcs.append({"start": min(a, b), "end": max(a, b), "label": t.dep_, "dir": "left" if a < b else "right"})
     options = {"compact": compact, "distance": 110 if compact else 150, "offset_x": 40, "word_spacing": 30}
-    return displacy.render({"words": words, "arcs": arcs}, style="dep", manual=True, jupyter=False, options=options)
+    svg = displacy.render({"words": words, "arcs": arcs}, style="dep", manual=True, jupyter=False, options=options)
+    return _crop_top(_colour_words(svg, [colours.get(start) for start in starts]))
+
+
+def _colour_words(svg: str, colours: list) -> str:
+    """Paint the k-th drawn word in ``colours[k]`` (None: leave it) and make it bold."""
+    parts = svg.split('<tspan class="displacy-word" fill="currentColor"')
+    out = [parts[0]]
+    for k, part in enumerate(parts[1:]):
+        colour = colours[k] if k < len(colours) else None
+        attrs = f' fill="{colour}" font-weight="bold"' if colour else ' fill="currentColor"'
+        out.append('<tspan class="displacy-word"' + attrs + part)
+    return "".join(out)
+
+
+def _crop_top(svg: str, margin: float = 24.0) -> str:
+    """Drop the empty band displacy leaves above the highest arc (its height counts unused levels)."""
+    ys = [float(y) for d in re.findall(r'class="displacy-arc"[^>]* d="([^"]+)"', svg) for y in re.findall(r",([\d.]+)", d)]
+    m = re.search(r'width="([\d.]+)" height="([\d.]+)"', svg)
+    if not ys or not m:
+        return svg
+    top = max(min(ys) - margin, 0.0)
+    width, height = float(m.group(1)), float(m.group(2)) - top
+    svg = svg.replace(m.group(0), f'width="{width:g}" height="{height:g}" viewBox="0 {top:g} {width:g} {height:g}"', 1)
+    return re.sub(r"height: [\d.]+px", f"height: {height:g}px", svg, count=1)
 
 
 # ------------------------------------------------------------------------------------------ heatmaps
