@@ -221,10 +221,22 @@ def extract_bindings(doc) -> list[tuple[int, list[int]]]:
 
 def _clip_pieces(prompt: str, tokenizer) -> tuple[list[tuple[int, int]], list[str], int]:
     """Character spans and strings of every CLIP piece of the untruncated prompt, and how many fit."""
-    enc = tokenizer.backend_tokenizer.encode(prompt)  # the Rust tokenizer: offsets, and no length warning
+    enc = _unpadded(tokenizer.backend_tokenizer).encode(prompt)  # the Rust tokenizer: offsets, no length warning
     offsets, tokens = [tuple(o) for o in enc.offsets], [readable_token(t) for t in enc.tokens]
     # ids = [SOT, pieces..., EOT]; the text encoder keeps SOT, the first 75 pieces and EOT.
     return offsets[1:-1], tokens, MAX_LENGTH - 2
+
+
+def _unpadded(backend):
+    """The backend tokenizer without padding or truncation (a pipeline's call with padding leaves them set)."""
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    clean = Tokenizer.from_str(backend.to_str())
+    clean.no_padding()
+    clean.no_truncation()
+    return clean
 
 
 def align_spans(spans: Sequence[tuple[int, int]], pieces: Sequence[tuple[int, int]]) -> list[list[int]]:

@@ -291,3 +291,11 @@ def test_parser_preference_and_setting(monkeypatch):
 def test_unknown_parser_is_a_clear_error():
     with pytest.raises(A.ParserNotFound, match="'no_such_pipeline'.*BINDING_SPACY_MODEL"):
         A.load_parser("no_such_pipeline")
+
+
+def test_alignment_ignores_padding_left_on_the_tokenizer(nlp):
+    tok = load_tokenizer.__wrapped__()
+    tok("a red apple", padding="max_length", max_length=77, truncation=True)  # what a pipeline does
+    assert tok.backend_tokenizer.padding is not None
+    result = analyze("a red apple", nlp, tok)
+    assert result.n_tokens == 5 and result.bindings[0].positions == ([[2]], [3])
