@@ -1,0 +1,1038 @@
+"""The guided sampler: vanilla and guided Stable Diffusion runs from the same seed.
+
+SynGen, Divide & Bind and Attend-and-Excite share one loop (METHODS.md section 0): at each intervened step a
+separate forward pass of the UNet on the conditional embedding alone (batch 1, gradients on) records the
+cross-attention maps, a loss on them is differentiated w.r.t. the latents, the latents take a gradient step,
+and the ordinary classifier-free-guidance step follows on the updated latents. The methods differ only in
+their loss terms, step-size schedule and refinement, so a method here is a row of settings (``METHODS``) and
+any subset of the five loss terms (``TERMS``) can be switched on.
+
+Faithfulness. The vanilla run is ``StableDiffusionPipeline.__call__`` step for step (same latents from a CPU
+``torch.Generator`` seeded with the seed, same scheduler calls), and the ``attend-excite`` preset reproduces
+diffusers' ``StableDiffusionAttendAndExcitePipeline``, including two details of the reference code that change
+results: the refinement runs at every step listed in the thresholds even past the intervention steps, and
+under PNDM the loop has one more index than the step count. Not reproduced, because they change nothing but
+the cost: the reference's gradient pass at steps where nothing is updated, the refinement's first forward on
+an unchanged latent and its last forward when no update follows, and the layers past the last one a loss reads
+(the pass is cut there). The gradient pass feeds ``scheduler.scale_model_input(latents)`` as the CFG pass does
+(the identity for PNDM and DDIM; the reference feeds unscaled latents, wrong for e.g. Euler). Divide & Bind
+follows the same loop with its own refinement test (smallest object TV below the threshold).
+
+Cost. Per intervened step: one conditional forward + backward (plus one per refinement iteration), on the
+part of the UNet up to the last layer read, with the parameters' gradients off. The loss and the latent update
+run in fp32 even when the UNet runs in fp16. Maps for display are recorded in every CFG pass at the read grid
+only and stay on the device until a run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from binding.analysis import Analysis, Binding, Word
+from binding.attention import AttentionCapture, Recording
+from binding.losses import (
+    attend_excite_loss,
+    db_attribute_maps,
+    db_object_maps,
+    divide_bind_loss,
+    syngen_loss,
+)
+from binding.records import RunResult
+
+__all__ = [
+    "Cancelled",
+    "GuidanceError",
+    "GuidedSampler",
+    "METHODS",
+    "Method",
+    "Plan",
+    "Progress",
+    "TERMS",
+    "custom_method",
+    "generate",
+    "resolve_method",
+]
+
+TERMS = ("syngen_positive", "syngen_negative", "db_attendance", "db_binding", "ae_excite")
+SYNGEN_TERMS = frozenset({"syngen_positive", "syngen_negative"})
+DB_TERMS = frozenset({"db_attendance", "db_binding"})
+
+MAX_STEPS = 200
+GUIDANCE_SCALE_RANGE = (1.0, 30.0)
+SIZE_RANGE = (64, 2048)
+MAX_STEP_SIZE = 1000.0
+
+# One lock for the process: a run installs processors on a UNet and drives its pipeline's scheduler.
+_RUN_LOCK = threading.RLock()
+
+
+class Cancelled(Exception):
+    """The caller asked to stop; raised between denoising steps."""
+
+
+class GuidanceError(ValueError):
+    """A run went numerically wrong (NaN/inf latents); the message names the step."""
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method guides: its loss terms, step sizes and refinement (METHODS.md sections 1-3)."""
+
+    name: str
+    terms: frozenset[str]
+    step_size: float = 20.0
+    schedule: str = "constant"  # "constant", or "sqrt-decay": step_size * sqrt(linspace(1, 0.5, n_loop_steps))
+    intervention_steps: int = 25  # a gradient step at every loop index i < this
+    refinement: str | None = None  # None, "ae-peak" (weakest subject peak) or "db-tv" (smallest object TV)
+    thresholds: tuple[tuple[int, float], ...] = ()  # (loop index, threshold): refine there while unmet
+    max_refinement: int = 20  # iterations per refinement
+    first_max_refinement: int | None = None  # the cap at i = 0, if different (D&B: 50)
+    description: str = ""
+
+    def __post_init__(self):
+        unknown = set(self.terms) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {sorted(unknown)}; the terms are {', '.join(TERMS)}")
+        if self.schedule not in ("constant", "sqrt-decay"):
+            raise ValueError(f"unknown step-size schedule {self.schedule!r} (constant or sqrt-decay)")
+        if self.refinement not in (None, "ae-peak", "db-tv"):
+            raise ValueError(f"unknown refinement {self.refinement!r} (ae-peak, db-tv or None)")
+
+    @property
+    def threshold_map(self) -> dict[int, float]:
+        return dict(self.thresholds)
+
+    def refinement_cap(self, i: int) -> int:
+        return self.first_max_refinement if (i == 0 and self.first_max_refinement is not None) else self.max_refinement
+
+    def step_sizes(self, n_loop_steps: int) -> list[float]:
+        """alpha_i for every loop index (A&E and D&B: ``20 * sqrt(linspace(1, .5, len(timesteps)))``)."""
+        if self.schedule == "constant":
+            return [float(self.step_size)] * n_loop_steps
+        return [float(a) for a in self.step_size * np.sqrt(np.linspace(1.0, 0.5, n_loop_steps))]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "terms": [t for t in TERMS if t in self.terms],
+            "step_size": self.step_size,
+            "schedule": self.schedule,
+            "intervention_steps": self.intervention_steps,
+            "refinement": self.refinement,
+            "thresholds": {str(i): v for i, v in self.thresholds},
+            "max_refinement": self.max_refinement,
+            "first_max_refinement": self.first_max_refinement,
+        }
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("vanilla", frozenset(), description="Stable Diffusion without guidance"),
+        Method(
+            "syngen",
+            SYNGEN_TERMS,
+            step_size=20.0,
+            schedule="constant",
+            description="SynGen: pull each modifier's map onto its noun's, push both away from the other words",
+        ),
+        Method(
+            "divide-bind",
+            DB_TERMS,
+            step_size=20.0,
+            schedule="sqrt-decay",
+            refinement="db-tv",
+            thresholds=((0, 0.05), (10, 0.2), (20, 0.3)),
+            max_refinement=20,
+            first_max_refinement=50,
+            description="Divide & Bind: maximise each object's total variation, match attributes to objects (JSD)",
+        ),
+        Method(
+            "attend-excite",
+            frozenset({"ae_excite"}),
+            step_size=20.0,
+            schedule="sqrt-decay",
+            refinement="ae-peak",
+            thresholds=((0, 0.05), (10, 0.5), (20, 0.8)),
+            max_refinement=20,
+            description="Attend-and-Excite: raise the attention peak of the most neglected subject",
+        ),
+    )
+}
+
+
+def custom_method(terms: Iterable[str], **overrides) -> Method:
+    """A method with any subset of ``TERMS``, on the schedule of the method it is closest to.
+
+    With ``ae_excite`` it follows Attend-and-Excite's schedule and refinement, else with a Divide & Bind term
+    Divide & Bind's, else SynGen's. ``overrides`` replace any field (step_size, schedule, thresholds...).
+    """
+    terms = frozenset(terms)
+    base = METHODS["attend-excite" if "ae_excite" in terms else "divide-bind" if terms & DB_TERMS else "syngen"]
+    if "thresholds" in overrides and isinstance(overrides["thresholds"], Mapping):
+        overrides["thresholds"] = tuple(sorted((int(k), float(v)) for k, v in overrides["thresholds"].items()))
+    return dataclasses.replace(
+        base, name="custom", terms=terms, description="custom combination of loss terms", **overrides
+    )
+
+
+def resolve_method(
+    method: str | Method = "syngen",
+    terms: Iterable[str] | None = None,
+    step_size: float | None = None,
+    intervention_steps: int | None = None,
+) -> Method:
+    """A ``Method`` from a preset name (or "custom" with ``terms``) and optional overrides."""
+    if isinstance(method, Method):
+        m = method
+    else:
+        key = str(method).strip().lower().replace("_", "-")
+        key = {
+            "divide-and-bind": "divide-bind",
+            "db": "divide-bind",
+            "ae": "attend-excite",
+            "a&e": "attend-excite",
+            "attend-and-excite": "attend-excite",
+            "none": "vanilla",
+        }.get(key, key)
+        if key == "custom":
+            if terms is None:
+                raise ValueError(f"method 'custom' needs its loss terms: any of {', '.join(TERMS)}")
+            m = custom_method(terms)
+        elif key in METHODS:
+            m = METHODS[key]
+        else:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or custom")
+    if terms is not None and frozenset(terms) != m.terms:
+        m = dataclasses.replace(m, name="custom", terms=frozenset(terms))
+    if step_size is not None:
+        m = dataclasses.replace(m, step_size=float(step_size))
+    if intervention_steps is not None:
+        m = dataclasses.replace(m, intervention_steps=int(intervention_steps))
+    return m
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every denoising loop step of every run."""
+
+    run: str  # "vanilla" or "guided"
+    seed: int
+    run_index: int  # 0-based, over all runs of the call
+    n_runs: int
+    step: int  # loop steps done in this run (1..total)
+    total: int  # loop steps of a run (PNDM: steps + 1)
+    fraction: float  # of the whole call, 0..1
+    losses: dict[str, float]  # the active terms on this step's maps (empty for a vanilla method)
+
+    @property
+    def label(self) -> str:
+        return f"{self.run} (seed {self.seed})"
+
+
+def _cancel_requested(cancel) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    """Everything fixed for one prompt before any seed runs: settings, targets of each term, embeddings."""
+
+    prompt: str
+    method: Method
+    terms: tuple[str, ...]  # the terms that have something to work on
+    steps: int
+    intervention_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    grid: tuple[int, int]
+    n_tokens: int
+    tokens: list[str]
+    bindings: list[Binding]
+    subjects: list[Word]
+    attributes: list[Word]  # D&B attribute words, channel j
+    pairs: list[tuple[int, int]]  # D&B (subject k, attribute j)
+    notes: list[str]
+    analysis: Analysis | None = None
+    negative_prompt: str | None = None
+    timesteps: list[int] = field(default_factory=list)
+    step_sizes: list[float] = field(default_factory=list)
+    prompt_embeds: torch.Tensor | None = None  # the CFG batch (uncond, cond), or cond alone without CFG
+    cond_embeds: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
+    record_maps: bool = True
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def guided(self) -> bool:
+        return bool(self.terms)
+
+    @property
+    def wants_attributes(self) -> bool:
+        return "db_binding" in self.terms and bool(self.pairs)
+
+    def binding_positions(self) -> list[tuple[list[list[int]], list[int]]]:
+        return [b.positions for b in self.bindings]
+
+    def subject_positions(self) -> list[list[int]]:
+        return [list(w.token_indices) for w in self.subjects]
+
+    def attribute_positions(self) -> list[list[int]]:
+        return [list(w.token_indices) for w in self.attributes]
+
+    def guidance_at(self, i: int) -> bool:
+        """Whether loop index i needs a gradient pass: an update step, or a listed refinement step."""
+        return self.guided and (
+            i < self.intervention_steps or (self.method.refinement is not None and i in self.method.threshold_map)
+        )
+
+    def settings(self, model: str, scheduler: str, device: str, dtype: str) -> dict:
+        return {
+            "model": model,
+            "method": self.method.name,
+            "terms": list(self.terms),
+            "requested_terms": [t for t in TERMS if t in self.method.terms],
+            "steps": self.steps,
+            "loop_steps": len(self.timesteps),
+            "intervention_steps": self.intervention_steps,
+            "step_size": self.method.step_size,
+            "schedule": self.method.schedule,
+            "refinement": self.method.refinement,
+            "thresholds": {str(i): v for i, v in self.method.thresholds},
+            "max_refinement": self.method.max_refinement,
+            "first_max_refinement": self.method.first_max_refinement,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "size": [self.height, self.width],
+            "grid": list(self.grid),
+            "negative_prompt": self.negative_prompt,
+            "scheduler": scheduler,
+            "device": device,
+            "dtype": dtype,
+            "parser": self.analysis.parser if self.analysis is not None else None,
+            "guided_is_vanilla": not self.guided,
+        }
+
+
+# ------------------------------------------------------------------------------------- run bookkeeping
+
+
+@dataclass
+class _Trace:
+    """What one run leaves behind."""
+
+    name: str
+    latents: torch.Tensor | None = None
+    maps: list[torch.Tensor] = field(default_factory=list)  # per step, (gh, gw, n_tokens) fp16 on the device
+    losses: dict[str, list] = field(default_factory=dict)  # on each step's CFG maps
+    before_update: dict[str, list] = field(default_factory=dict)  # what the guidance pass optimised
+    grad_passes: int = 0  # conditional forward passes with gradients
+    backward_passes: int = 0
+    refinement: dict[int, int] = field(default_factory=dict)  # loop index -> iterations
+    steps_s: list[float] = field(default_factory=list)
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    image: object = None
+
+    def put(self, table: dict[str, list], i: int, n: int, values: Mapping[str, float]) -> None:
+        for k, v in values.items():
+            table.setdefault(k, [None] * n)[i] = v
+
+    def counters(self) -> dict:
+        return {
+            "grad_passes": self.grad_passes,
+            "backward_passes": self.backward_passes,
+            "refinement_iterations": sum(self.refinement.values()),
+            "refinement": {str(k): v for k, v in sorted(self.refinement.items())},
+            "cfg_passes": len(self.steps_s),
+        }
+
+    def timings(self) -> dict:
+        return {
+            "total_s": self.denoise_s + self.decode_s,
+            "denoise_s": self.denoise_s,
+            "decode_s": self.decode_s,
+            "steps_s": list(self.steps_s),
+        }
+
+
+@contextlib.contextmanager
+def _parameters_frozen(module: torch.nn.Module):
+    """No parameter gradients (the loss is differentiated w.r.t. the latents only): less memory, less work."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _floats(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Scalars to Python floats with one device sync."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.detach().float() for v in values.values()]).tolist(), strict=True))
+
+
+def _word_key(w: Word) -> tuple[int, int]:
+    return (w.start, w.end)
+
+
+def _divide_bind_pairs(bindings: Sequence[Binding], subjects: Sequence[Word]):
+    """D&B's (object channel, attribute channel) pairs from the parse: each subject's modifiers are its attributes.
+
+    Returns (attribute words, pairs, nouns of bindings that are not subjects and so are left out).
+    """
+    subject_keys = [_word_key(w) for w in subjects]
+    attributes: list[Word] = []
+    pairs: list[tuple[int, int]] = []
+    unpaired: list[str] = []
+    for b in bindings:
+        if _word_key(b.noun) not in subject_keys:
+            unpaired.append(b.noun.text)
+            continue
+        for mod in b.modifiers:
+            keys = [_word_key(a) for a in attributes]
+            if _word_key(mod) not in keys:
+                attributes.append(mod)
+                keys.append(_word_key(mod))
+            pairs.append((subject_keys.index(_word_key(b.noun)), keys.index(_word_key(mod))))
+    return attributes, pairs, unpaired
+
+
+# -------------------------------------------------------------------------------------------- sampler
+
+
+class GuidedSampler:
+    """Vanilla and guided runs on the components of a ``StableDiffusionPipeline``.
+
+    The pipeline is used as it is (its UNet, VAE, text encoder, tokenizer, scheduler and its own
+    ``encode_prompt``/``prepare_latents``), so a vanilla run is exactly diffusers'. One call at a time.
+    """
+
+    def __init__(self, pipe, model: str | None = None):
+        from binding.models import model_name
+
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.scheduler = pipe.scheduler
+        self.model = model or model_name(pipe)
+
+    # ------------------------------------------------------------------------------------ the call
+
+    def __call__(
+        self,
+        prompt: str,
+        seeds: int | Sequence[int] = (0,),
+        method: str | Method = "syngen",
+        *,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        intervention_steps: int | None = None,
+        step_size: float | None = None,
+        terms: Iterable[str] | None = None,
+        bindings: Sequence[Binding] | None = None,
+        subjects: Sequence[Word] | None = None,
+        analysis: Analysis | None = None,
+        negative_prompt: str | None = None,
+        runs: Sequence[str] = ("vanilla", "guided"),
+        decode: bool = True,
+        record_maps: bool = True,
+        callback: Callable[[Progress], None] | None = None,
+        progress: bool = False,
+        cancel: threading.Event | Callable[[], bool] | None = None,
+    ) -> list[RunResult]:
+        """One ``RunResult`` per seed: a vanilla and a guided run from the same initial latents.
+
+        ``bindings`` (e.g. edited by the user) replace the parsed ones; ``subjects`` (A&E/D&B objects) default
+        to the prompt's head nouns. ``runs`` may drop one side (the benchmark times them apart). ``callback``
+        gets a ``Progress`` after every loop step; ``progress=True`` shows a tqdm bar; ``cancel`` (an Event or
+        a callable) stops between steps with ``Cancelled``.
+        """
+        seeds = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
+        runs = tuple(runs)
+        if not runs or any(r not in ("vanilla", "guided") for r in runs):
+            raise ValueError(f"runs must name 'vanilla' and/or 'guided', not {runs!r}")
+        with _RUN_LOCK:
+            # 1-3. Check inputs, analyse the prompt, encode it: one plan for every seed.
+            plan = self.plan(
+                prompt,
+                method,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+                intervention_steps=intervention_steps,
+                step_size=step_size,
+                terms=terms,
+                bindings=bindings,
+                subjects=subjects,
+                analysis=analysis,
+                negative_prompt=negative_prompt,
+                seeds=seeds,
+                record_maps=record_maps,
+            )
+            # Nothing to guide: the guided side is the vanilla run itself, computed once.
+            computed = tuple(runs) if plan.guided else ("vanilla",)
+            n_runs = len(seeds) * len(computed)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n_runs * len(plan.timesteps), desc="denoising", unit="step")
+            results = []
+            try:
+                # 4. Attach the attention capture for the whole call; processors are restored on exit.
+                with self.capture(plan) as capture, _parameters_frozen(self.unet):
+                    k = 0
+                    for seed in seeds:
+                        traces: dict[str, _Trace] = {}
+                        for r in computed:
+                            # 5. Denoise (prepare latents, loop), then decode.
+                            traces[r] = self.denoise(
+                                plan,
+                                seed,
+                                guided=(r == "guided"),
+                                capture=capture,
+                                report=self._reporter(callback, bar, r, seed, k, n_runs, len(plan.timesteps)),
+                                cancel=cancel,
+                            )
+                            k += 1
+                            if decode:
+                                self._decode_into(traces[r])
+                        if not plan.guided:
+                            traces = {r: traces["vanilla"] for r in runs}
+                        # 6. Collect
+                        results.append(self._result(plan, seed, traces))
+            finally:
+                if bar is not None:
+                    bar.close()
+            return results
+
+    # ------------------------------------------------------------------------------ 1-3: the plan
+
+    def plan(
+        self,
+        prompt: str,
+        method: str | Method = "syngen",
+        *,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        intervention_steps: int | None = None,
+        step_size: float | None = None,
+        terms: Iterable[str] | None = None,
+        bindings: Sequence[Binding] | None = None,
+        subjects: Sequence[Word] | None = None,
+        analysis: Analysis | None = None,
+        negative_prompt: str | None = None,
+        seeds: Sequence[int] = (0,),
+        record_maps: bool = True,
+    ) -> Plan:
+        """Check the inputs, resolve the method, analyse and encode the prompt."""
+        from binding.models import default_size
+
+        # 1. Check inputs
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("The prompt is empty: describe the image to generate.")
+        m = resolve_method(method, terms, step_size, None)
+        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
+        if intervention_steps is None:
+            intervention_steps = min(m.intervention_steps, int(steps))
+        if not isinstance(intervention_steps, (int, np.integer)) or not 0 <= intervention_steps <= steps:
+            raise ValueError(
+                f"intervention steps must be from 0 to the number of steps ({steps}), not {intervention_steps!r}"
+            )
+        m = dataclasses.replace(m, intervention_steps=int(intervention_steps))
+        lo, hi = GUIDANCE_SCALE_RANGE
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+            or not lo <= guidance_scale <= hi
+        ):
+            raise ValueError(
+                f"guidance scale must be from {lo:g} to {hi:g} (1 = no classifier-free guidance), "
+                f"not {guidance_scale!r}"
+            )
+        if not math.isfinite(m.step_size) or not 0 <= m.step_size <= MAX_STEP_SIZE:
+            raise ValueError(f"step size must be from 0 to {MAX_STEP_SIZE:g}, not {m.step_size!r}")
+        for i, thr in m.thresholds:
+            if not 0.0 <= thr <= 1.0 and m.refinement == "ae-peak":
+                raise ValueError(f"A&E refinement threshold at step {i} must be from 0 to 1, not {thr!r}")
+        size = default_size(self.pipe)
+        height, width = int(height or size), int(width or size)
+        for what, v in (("height", height), ("width", width)):
+            if v % 8 or not SIZE_RANGE[0] <= v <= SIZE_RANGE[1]:
+                raise ValueError(
+                    f"{what} must be a multiple of 8 from {SIZE_RANGE[0]} to {SIZE_RANGE[1]} pixels, not {v}"
+                )
+        if not seeds:
+            raise ValueError("give at least one seed")
+        for s in seeds:
+            if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 0 <= s < 2**63:
+                raise ValueError(f"seeds must be whole numbers from 0 to 2**63-1, not {s!r}")
+
+        # 2. Analyse the prompt: what each loss term works on, and what happens when there is nothing
+        notes: list[str] = []
+        if analysis is None and (m.terms or bindings is not None or subjects is not None):
+            from binding.analysis import analyze
+
+            analysis = analyze(prompt)
+        elif analysis is not None and analysis.prompt != prompt:
+            raise ValueError("the analysis given is of another prompt")
+        if analysis is not None:
+            tokens, n_tokens = list(analysis.tokens), analysis.n_tokens
+        else:
+            tokens = self._tokens(prompt)
+            n_tokens = len(tokens)
+        bindings = list(analysis.bindings if bindings is None and analysis is not None else bindings or [])
+        subjects = list(analysis.nouns if subjects is None and analysis is not None else subjects or [])
+        for b in bindings:
+            for w in (*b.modifiers, b.noun):
+                self._check_word(w, n_tokens, "binding word")
+        for w in subjects:
+            self._check_word(w, n_tokens, "subject")
+        attributes, pairs, unpaired = _divide_bind_pairs(bindings, subjects)
+        active = []
+        for term in TERMS:
+            if term not in m.terms:
+                continue
+            if term in SYNGEN_TERMS and not bindings:
+                why = "there is no binding (no noun with a modifier)"
+            elif term in ("ae_excite", "db_attendance") and not subjects:
+                why = "there is no subject (no noun)"
+            elif term == "db_binding" and not pairs:
+                why = "no subject has a modifier"
+            else:
+                active.append(term)
+                continue
+            notes.append(f"The {term} term is off: {why}.")
+        if m.terms and not active:
+            notes.append(f"Nothing to guide for {m.name}: the guided image is the vanilla one.")
+        elif not m.terms:
+            notes.append("No guidance (vanilla method): the guided image is the vanilla one.")
+        if "db_binding" in active and unpaired:
+            notes.append(
+                f"Divide & Bind binds only subjects; bindings of {', '.join(unpaired)} are left out of its "
+                "binding term."
+            )
+
+        # 3. Encode the prompt; fix the grid and the timesteps
+        device = self.pipe._execution_device
+        grid_capture = AttentionCapture(
+            self.unet, height, width, self.pipe.vae_scale_factor, attributes="db_binding" in active
+        )
+        grid = grid_capture.grid
+        if grid[0] < 2 or grid[1] < 2:
+            raise ValueError(f"{height}x{width} px gives a {grid[0]}x{grid[1]} attention grid: too small to guide")
+        if "db_binding" in active and not grid_capture.attribute_layers:
+            notes.append(
+                "This model has no cross-attention grid finer than the read grid: Divide & Bind's attribute "
+                "maps use the read grid."
+            )
+        plan = Plan(
+            prompt=prompt,
+            method=m,
+            terms=tuple(active),
+            steps=int(steps),
+            intervention_steps=int(intervention_steps),
+            guidance_scale=float(guidance_scale),
+            height=height,
+            width=width,
+            grid=grid,
+            n_tokens=n_tokens,
+            tokens=tokens,
+            bindings=bindings,
+            subjects=subjects,
+            attributes=attributes,
+            pairs=pairs,
+            notes=notes,
+            analysis=analysis,
+            negative_prompt=negative_prompt,
+            record_maps=record_maps,
+        )
+        with torch.no_grad():  # diffusers' __call__ runs under no_grad; the text encoder is never differentiated
+            cond, uncond = self.pipe.encode_prompt(prompt, device, 1, plan.do_cfg, negative_prompt)
+        plan.cond_embeds = cond
+        plan.prompt_embeds = torch.cat([uncond, cond]) if plan.do_cfg else cond
+        if self.unet.config.time_cond_proj_dim is not None:
+            w = torch.tensor(plan.guidance_scale - 1).repeat(1)
+            plan.timestep_cond = self.pipe.get_guidance_scale_embedding(
+                w, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=cond.dtype)
+        self.scheduler.set_timesteps(plan.steps, device=device)
+        plan.timesteps = [int(t) for t in self.scheduler.timesteps]
+        plan.step_sizes = m.step_sizes(len(plan.timesteps))
+        return plan
+
+    def _tokens(self, prompt: str) -> list[str]:
+        """CLIP tokens as the text encoder sees them, when no analysis was needed (vanilla)."""
+        from binding.tokenizer import readable_token
+
+        tok = self.pipe.tokenizer
+        ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
+        return [readable_token(t) for t in tok.convert_ids_to_tokens(ids)]
+
+    @staticmethod
+    def _check_word(w: Word, n_tokens: int, what: str) -> None:
+        if not w.token_indices:
+            raise ValueError(f"{what} '{w.text}' has no CLIP position (past the 77-token limit?)")
+        bad = [p for p in w.token_indices if not 1 <= p <= n_tokens - 2]
+        if bad:
+            raise ValueError(
+                f"{what} '{w.text}' has CLIP position(s) {bad} outside the prompt's words (1..{n_tokens - 2})"
+            )
+
+    def capture(self, plan: Plan) -> AttentionCapture:
+        """The attention capture a plan needs (attach it with ``with``)."""
+        return AttentionCapture(
+            self.unet, plan.height, plan.width, self.pipe.vae_scale_factor, attributes=plan.wants_attributes
+        )
+
+    # ------------------------------------------------------------------------------- 4-5: denoise
+
+    def prepare_latents(self, plan: Plan, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Initial latents as ``StableDiffusionPipeline`` draws them from ``torch.Generator("cpu").manual_seed(seed)``."""
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        latents = self.pipe.prepare_latents(
+            1,
+            self.unet.config.in_channels,
+            plan.height,
+            plan.width,
+            plan.prompt_embeds.dtype,
+            self.pipe._execution_device,
+            generator,
+        )
+        return latents, generator
+
+    def denoise(
+        self,
+        plan: Plan,
+        seed: int,
+        guided: bool,
+        capture: AttentionCapture,
+        report: Callable[[int, dict], None] | None = None,
+        cancel=None,
+    ) -> _Trace:
+        """One run: the scheduler's loop from the seed's latents, with the guidance step when ``guided``."""
+        trace = _Trace("guided" if guided else "vanilla")
+        start = time.perf_counter()
+        self.scheduler.set_timesteps(plan.steps, device=self.pipe._execution_device)  # resets its state too
+        timesteps = self.scheduler.timesteps
+        latents, generator = self.prepare_latents(plan, seed)
+        extra = self.pipe.prepare_extra_step_kwargs(generator, 0.0)
+        n = len(timesteps)
+        for i, t in enumerate(timesteps):
+            if _cancel_requested(cancel):
+                raise Cancelled(f"cancelled before step {i + 1} of the {trace.name} run (seed {seed})")
+            t0 = time.perf_counter()
+            if guided and plan.guidance_at(i):
+                latents = self.guidance_step(plan, capture, latents, i, t, trace, cancel)
+            latents, values = self.cfg_step(plan, capture, latents, i, t, extra, trace)
+            if not torch.isfinite(latents).all():
+                raise GuidanceError(
+                    f"The {trace.name} run (seed {seed}) produced NaN/inf latents at step {i + 1} of {n} (t={int(t)})"
+                    + (
+                        f"; the step size {plan.method.step_size:g} is probably too large for this model"
+                        if guided
+                        else ""
+                    )
+                )
+            trace.put(trace.losses, i, n, values)
+            trace.steps_s.append(time.perf_counter() - t0)
+            if report is not None:
+                report(i + 1, values)
+        trace.latents = latents
+        trace.denoise_s = time.perf_counter() - start
+        return trace
+
+    def cfg_step(self, plan, capture, latents, i, t, extra, trace=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """diffusers' denoising step (no grad), recording the conditional branch's maps for display."""
+        with torch.no_grad():
+            model_input = torch.cat([latents] * 2) if plan.do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            rec_ctx = (
+                capture.record(batch_index=1 if plan.do_cfg else 0, attributes=plan.wants_attributes)
+                if plan.record_maps
+                else contextlib.nullcontext()
+            )
+            with rec_ctx as rec:
+                noise_pred = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=plan.prompt_embeds,
+                    timestep_cond=plan.timestep_cond,
+                    cross_attention_kwargs=None,
+                    added_cond_kwargs=None,
+                    return_dict=False,
+                )[0]
+            if plan.do_cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + plan.guidance_scale * (noise_text - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            values: dict[str, float] = {}
+            if rec is not None:
+                if trace is not None:
+                    trace.maps.append(rec.maps()[..., : plan.n_tokens].to(torch.float16))
+                if plan.terms:
+                    _, parts, diag = self.losses(plan, rec, i)
+                    values = _floats({**parts, **diag})
+        return latents, values
+
+    # ---------------------------------------------------------------------------------- guidance
+
+    def losses(
+        self, plan: Plan, rec: Recording, i: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(total, per-term losses, diagnostics) on the maps of one pass, at loop index ``i``.
+
+        Diagnostics: ``ae_min_peak`` (A&E's weakest smoothed peak) and ``db_min_tv`` (the smallest object TV),
+        which drive the refinement. Divide & Bind's two terms meet inside a max over objects, so they are one
+        value, ``divide_bind``.
+        """
+        maps = rec.maps()
+        parts: dict[str, torch.Tensor] = {}
+        diag: dict[str, torch.Tensor] = {}
+        terms = plan.terms
+        if "syngen_positive" in terms:
+            parts["syngen_positive"] = syngen_loss(
+                maps, plan.binding_positions(), plan.n_tokens, positive=True, negative=False
+            )
+        if "syngen_negative" in terms:
+            parts["syngen_negative"] = syngen_loss(
+                maps, plan.binding_positions(), plan.n_tokens, positive=False, negative=True
+            )
+        if "ae_excite" in terms:
+            parts["ae_excite"], peaks = attend_excite_loss(maps, plan.subject_positions())
+            diag["ae_min_peak"] = peaks.min()
+        if DB_TERMS & set(terms):
+            objects = db_object_maps(maps, plan.subject_positions())
+            attrs = None
+            if plan.wants_attributes:
+                fine = rec.attribute_maps()
+                attrs = db_attribute_maps([fine if fine is not None else maps], plan.attribute_positions(), plan.grid)
+            parts["divide_bind"], tvs = divide_bind_loss(
+                objects,
+                attrs,
+                plan.pairs if plan.wants_attributes else [],
+                i,
+                attendance="db_attendance" in terms,
+                binding="db_binding" in terms,
+            )
+            diag["db_min_tv"] = tvs.min()
+        values = list(parts.values())
+        total = values[0] if len(values) == 1 else torch.stack(values).sum()
+        return total, parts, diag
+
+    def grad_pass(self, plan: Plan, capture: AttentionCapture, z: torch.Tensor, t, i: int, trace: _Trace | None = None):
+        """The conditional forward with gradients (cut after the last layer read) and the losses on its maps."""
+        with torch.enable_grad():
+            model_input = self.scheduler.scale_model_input(z, t).to(self.unet.dtype)
+            with capture.record(batch_index=0, attributes=plan.wants_attributes, stop_early=True) as rec:
+                self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=plan.cond_embeds,
+                    timestep_cond=plan.timestep_cond,
+                    return_dict=False,
+                )
+            if trace is not None:
+                trace.grad_passes += 1
+            return self.losses(plan, rec, i)
+
+    def _descend(self, z: torch.Tensor, total: torch.Tensor, alpha: float, trace: _Trace | None) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(total, [z])
+        if trace is not None:
+            trace.backward_passes += 1
+        return (z - alpha * grad).detach().requires_grad_(True)
+
+    def _unmet(self, plan: Plan, parts, diag, threshold: float) -> bool:
+        if plan.method.refinement == "ae-peak" and "ae_excite" in parts:
+            return bool(parts["ae_excite"] > 1.0 - threshold)
+        if plan.method.refinement == "db-tv" and "db_min_tv" in diag:
+            return bool(diag["db_min_tv"] < threshold)
+        return False
+
+    def guidance_step(self, plan, capture, latents, i, t, trace: _Trace | None = None, cancel=None) -> torch.Tensor:
+        """Loop index ``i``'s update: refinement where listed, then the ordinary gradient step (fp32)."""
+        alpha = plan.step_sizes[i]
+        ordinary = i < plan.intervention_steps
+        threshold = plan.method.threshold_map.get(i) if plan.method.refinement else None
+        z = latents.detach().float().requires_grad_(True)
+        total, parts, diag = self.grad_pass(plan, capture, z, t, i, trace)
+        if trace is not None:
+            trace.put(trace.before_update, i, len(plan.timesteps), _floats({**parts, **diag}))
+        if threshold is not None and self._unmet(plan, parts, diag, threshold):
+            # The reference's loop: each iteration steps from the latest latents, then tests the loss it had
+            # *before* that step, so it ends one step after the threshold is met; the forward at the final
+            # latents serves both the next test and the ordinary step that follows.
+            cap = plan.method.refinement_cap(i)
+            it = 0
+            while True:
+                if _cancel_requested(cancel):
+                    raise Cancelled(f"cancelled during the refinement at step {i + 1}")
+                it += 1
+                unmet = self._unmet(plan, parts, diag, threshold)
+                updated = bool(total != 0)
+                if updated:
+                    z = self._descend(z, total, alpha, trace)
+                done = it >= cap or not unmet or not updated
+                if done and not (ordinary and updated):
+                    break
+                total, parts, diag = self.grad_pass(plan, capture, z, t, i, trace)
+                if done:
+                    break
+            if trace is not None:
+                trace.refinement[i] = it
+        if ordinary and bool(total != 0):
+            z = self._descend(z, total, alpha, trace)
+        return z.detach().to(latents.dtype)
+
+    def conditional_pass_seconds(self, plan: Plan, repeats: int = 3, seed: int = 0) -> float:
+        """Median seconds of one *full* conditional UNet forward + backward w.r.t. the latents.
+
+        The benchmark's unit of cost: its floor for a method is the vanilla time plus this per gradient pass
+        made. Measured as the guidance runs (batch 1, parameters' gradients off) but uncut and on the UNet's own
+        processors, after one warm-up pass.
+        """
+        latents, _ = self.prepare_latents(plan, seed)
+        t = self.scheduler.timesteps[0] if len(self.scheduler.timesteps) else plan.timesteps[0]
+        cuda = latents.device.type == "cuda"
+        times = []
+        with _parameters_frozen(self.unet), torch.enable_grad():
+            for k in range(repeats + 1):
+                if cuda:
+                    torch.cuda.synchronize(latents.device)
+                start = time.perf_counter()
+                z = latents.detach().float().requires_grad_(True)
+                model_input = self.scheduler.scale_model_input(z, t).to(self.unet.dtype)
+                out = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=plan.cond_embeds,
+                    timestep_cond=plan.timestep_cond,
+                    return_dict=False,
+                )[0]
+                torch.autograd.grad(out.float().square().mean(), [z])
+                if cuda:
+                    torch.cuda.synchronize(latents.device)
+                if k:
+                    times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    # --------------------------------------------------------------------------------- 6: results
+
+    def decode(self, latents: torch.Tensor):
+        """The PIL image of final latents (diffusers' decode and post-processing)."""
+        with torch.no_grad():
+            image = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+
+    def _decode_into(self, trace: _Trace) -> None:
+        start = time.perf_counter()
+        trace.image = self.decode(trace.latents)
+        trace.decode_s = time.perf_counter() - start
+
+    @staticmethod
+    def _reporter(callback, bar, run, seed, k, n_runs, total):
+        if callback is None and bar is None:
+            return None
+
+        def report(step: int, losses: dict) -> None:
+            if bar is not None:
+                bar.update(1)
+                if losses:
+                    bar.set_postfix({key: f"{v:.3g}" for key, v in losses.items()}, refresh=False)
+            if callback is not None:
+                callback(
+                    Progress(run, seed, k, n_runs, step, total, (k * total + step) / (n_runs * total), dict(losses))
+                )
+
+        return report
+
+    def _result(self, plan: Plan, seed: int, traces: dict[str, _Trace]) -> RunResult:
+        def arr(x):
+            return None if x is None else x.detach().float().cpu().numpy()
+
+        def maps(tr):
+            return None if tr is None or not tr.maps else torch.stack(tr.maps).cpu().numpy()
+
+        v, g = traces.get("vanilla"), traces.get("guided")
+        # Each run once: a guided side that is the vanilla run itself has no timings or counters of its own.
+        own = {
+            name: tr
+            for name, tr in (("vanilla", v), ("guided", g))
+            if tr is not None and not (name == "guided" and tr is v)
+        }
+        losses = {}
+        for name, tr in (("vanilla", v), ("guided", g)):
+            if tr is not None and tr.losses:
+                losses[name] = tr.losses
+        if g is not None and g.before_update:
+            losses["guided_before_update"] = g.before_update
+        vanilla_latents, vanilla_maps = (arr(v.latents), maps(v)) if v else (None, None)
+        settings = plan.settings(
+            self.model,
+            type(self.scheduler).__name__,
+            str(self.pipe._execution_device),
+            str(self.unet.dtype).replace("torch.", ""),
+        )
+        return RunResult(
+            prompt=plan.prompt,
+            seed=int(seed),
+            settings=settings,
+            bindings=list(plan.bindings),
+            subjects=list(plan.subjects),
+            grid=tuple(plan.grid),
+            tokens=list(plan.tokens),
+            vanilla_image=v.image if v else None,
+            guided_image=g.image if g else None,
+            vanilla_maps=vanilla_maps,
+            guided_maps=vanilla_maps if g is v else maps(g),
+            losses=losses,
+            notes=list(plan.notes),
+            timings={name: tr.timings() for name, tr in own.items()},
+            counters={name: tr.counters() for name, tr in own.items()},
+            vanilla_latents=vanilla_latents,
+            guided_latents=vanilla_latents if g is v else arr(g.latents) if g else None,
+        )
+
+
+def generate(
+    pipe, prompt: str, seeds: int | Sequence[int] = (0,), method: str | Method = "syngen", **kwargs
+) -> list[RunResult]:
+    """``GuidedSampler(pipe)(prompt, seeds, method, **kwargs)``: the one-call entry for scripts."""
+    return GuidedSampler(pipe)(prompt, seeds, method, **kwargs)

@@ -1,0 +1,340 @@
+"""Model presets and loading: a hub id, a local diffusers folder, or the offline ``tiny`` model.
+
+Every fact about a preset (where it comes from, what it is, its native resolution) lives in ``PRESETS`` and
+nowhere else. ``load_pipeline`` turns a preset name or a folder into a ready ``StableDiffusionPipeline``:
+half precision on CUDA (the guidance keeps its loss and latent update in fp32), fp32 on CPU, no safety
+checker, no progress bar. A model that cannot be had offline fails with ``ModelLoadError`` saying how to
+get it, instead of a stack of hub errors.
+
+The ``tiny`` model is Stable Diffusion's architecture in miniature with random weights (the shape of the
+tiny pipeline in diffusers' own tests, sized like SD in its layout: cross-attention at two UNet levels,
+a mid block, PNDM). It is built in code from a fixed seed, so it needs no download and is bit-identical on
+every run and machine. Its images are noise; it exists to exercise and test the mechanics offline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ModelLoadError",
+    "OFFLINE_DEFAULT",
+    "PRESETS",
+    "Preset",
+    "build_tiny_pipeline",
+    "default_model",
+    "default_size",
+    "describe",
+    "load_pipeline",
+    "model_name",
+    "pick_device",
+    "preset",
+]
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and how to get it."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: where its weights come from and how it is meant to be used."""
+
+    name: str
+    repo: str | None  # Hugging Face hub id; None for a model built in code
+    description: str
+    resolution: int  # default image side in pixels
+
+    @property
+    def offline(self) -> bool:
+        """Available without any download."""
+        return self.repo is None
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "tiny", None, "Tiny random-weight Stable Diffusion built offline (tests, mechanics; images are noise)", 64
+        ),
+        Preset(
+            "sd-1.4",
+            "CompVis/stable-diffusion-v1-4",
+            "Stable Diffusion 1.4, the base of SynGen and Attend-and-Excite",
+            512,
+        ),
+        Preset(
+            "sd-1.5",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "Stable Diffusion 1.5, the base of Divide & Bind",
+            512,
+        ),
+        Preset("sd-2.1-base", "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512 px)", 512),
+    )
+}
+
+# The model used when there is no GPU. The app switches this to the trained "shapes" model later.
+OFFLINE_DEFAULT = "tiny"
+GPU_DEFAULT = "sd-1.4"
+
+TINY_SEED = 0
+# Gain on the tiny model's cross-attention query/key weights. With plain random weights every pixel attends
+# almost uniformly to all 77 keys (peak ~1/77) and the losses have nothing to act on; this gain gives peaked
+# maps (peak probability ~0.3, like a trained SD's) so the guidance's effect is measurable in tests.
+TINY_ATTENTION_GAIN = 5.0
+# Stable Diffusion's PNDM configuration (the checkpoints' scheduler_config.json).
+SD_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+)
+
+
+def default_model() -> str:
+    """The model to use when none is named: SD 1.4 where a GPU makes it practical, else the offline one."""
+    return GPU_DEFAULT if torch.cuda.is_available() else OFFLINE_DEFAULT
+
+
+def preset(name: str) -> Preset | None:
+    """The preset called ``name`` (case-insensitive), or None."""
+    return PRESETS.get(str(name).strip().lower())
+
+
+def _preset_list() -> str:
+    return "; ".join(f"{p.name} ({p.description})" for p in PRESETS.values())
+
+
+def describe(name_or_path: str) -> str:
+    """One line for a banner: what the model is and where it comes from."""
+    p = preset(name_or_path)
+    if p is not None:
+        where = "built in, offline" if p.offline else p.repo
+        return f"{p.name}: {p.description} [{where}, {p.resolution} px]"
+    return f"{name_or_path}: local diffusers Stable Diffusion checkpoint"
+
+
+def model_name(pipe) -> str:
+    """The name a pipeline was loaded under (preset name or folder), for records."""
+    return getattr(pipe, "_binding_model", None) or getattr(pipe, "name_or_path", None) or "unknown"
+
+
+def default_size(pipe_or_name) -> int:
+    """Default image side in pixels: the preset's, else what the UNet was trained at (diffusers' rule)."""
+    if isinstance(pipe_or_name, str):
+        p = preset(pipe_or_name)
+        if p is None:
+            raise ValueError(f"{pipe_or_name!r} is not a preset; load it to learn its size")
+        return p.resolution
+    p = preset(model_name(pipe_or_name))
+    if p is not None:
+        return p.resolution
+    size = pipe_or_name.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return int(size * pipe_or_name.vae_scale_factor)
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    # fp16 halves memory and time on CUDA; CPUs have no fast fp16 path, and the losses need fp32 anyway.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------ tiny
+
+
+def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Overwrite every parameter from ``generator`` with PyTorch's default-like initialisation.
+
+    Done explicitly (rather than relying on each library's ``_init_weights``) so the tiny model stays the
+    same across diffusers/transformers versions and machines: only this function and the seed decide it.
+    """
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                bound = 1.0 / fan_in**0.5
+                module.weight.uniform_(-bound, bound, generator=generator)
+                done.add(id(module.weight))
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+                    done.add(id(module.bias))
+            elif isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                if module.weight is not None:
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+                    done.update((id(module.weight), id(module.bias)))
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, 0.02, generator=generator)
+                done.add(id(module.weight))
+        for p in model.parameters():  # anything else (none in these models today)
+            if id(p) not in done:
+                p.normal_(0.0, 0.02, generator=generator)
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED):
+    """The offline ``tiny`` model: SD's architecture in miniature, random weights from ``seed``, CPU fp32.
+
+    UNet: block_out_channels (32, 64), one layer per block, 2 and 4 heads, cross_attention_dim 32 (as in
+    diffusers' Attend-and-Excite tests), with cross-attention at both levels and in the mid block: as in SD, the
+    grid the losses read (the coarser level, 16x16 at 64 px) is not the finest one, so Divide & Bind's finer
+    attribute grid exists. VAE: two levels (scale factor 2: 64 px -> 32x32 latents). Text encoder: a 5-layer
+    CLIP with CLIP's vocabulary ids (bos 49406, eos/pad 49407), used with the shipped tokenizer. Scheduler:
+    SD's PNDM.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from binding.tokenizer import load_tokenizer
+
+    with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: keep the caller's intact
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),  # diffusers' name; it is the number of heads per level
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=5,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                layer_norm_eps=1e-5,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
+        )
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for model in (unet, vae, text_encoder):
+        _randomize(model, generator)
+        model.eval()
+    with torch.no_grad():
+        for module in unet.modules():
+            if getattr(module, "is_cross_attention", False):
+                module.to_q.weight.mul_(TINY_ATTENTION_GAIN)
+                module.to_k.weight.mul_(TINY_ATTENTION_GAIN)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_tokenizer.__wrapped__(),  # its own instance: calls with padding change a fast tokenizer's state
+        unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _how_to_get(repo: str) -> str:
+    return (
+        f"Download it once on a machine with network access: `huggingface-cli download {repo}` (it is then loaded "
+        f"from the Hugging Face cache, also offline), or `huggingface-cli download {repo} --local-dir DIR` and pass "
+        f"DIR as the model. Some checkpoints need you to accept their licence on huggingface.co first."
+    )
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool | None, **kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    extra = {} if local_files_only is None else {"local_files_only": local_files_only}
+    return StableDiffusionPipeline.from_pretrained(
+        source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra, **kwargs
+    )
+
+
+def _load_folder(folder: Path, dtype: torch.dtype):
+    from binding.tokenizer import load_tokenizer
+
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is not a diffusers Stable Diffusion folder (no model_index.json). Give a preset "
+            f"({', '.join(PRESETS)}) or a folder saved with `pipe.save_pretrained(DIR)` / downloaded with "
+            f"`huggingface-cli download REPO --local-dir DIR`."
+        )
+    extra = {}
+    if not (folder / "tokenizer").is_dir():
+        # A fresh instance of the shipped CLIP tokenizer (the same BPE as SD 1.x/2.x).
+        extra["tokenizer"] = load_tokenizer.__wrapped__()
+    try:
+        return _from_pretrained(str(folder), dtype, local_files_only=True, **extra)
+    except Exception as exc:  # diffusers raises OSError, ValueError, KeyError... for broken folders
+        raise ModelLoadError(f"Cannot load the Stable Diffusion checkpoint in {folder}: {exc}") from exc
+
+
+def load_pipeline(
+    name_or_path: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+):
+    """A ready ``StableDiffusionPipeline`` for a preset name or a local diffusers folder.
+
+    ``device`` defaults to CUDA when available; ``dtype`` to fp16 on CUDA, fp32 elsewhere. Hub presets load
+    from the network or the Hugging Face cache (``local_files_only=True``, or HF_HUB_OFFLINE=1, skips the
+    network). Raises ``ModelLoadError`` with instructions when the model cannot be had.
+    """
+    name_or_path = name_or_path or default_model()
+    device = pick_device(device)
+    dtype = dtype or _default_dtype(device)
+    p = preset(name_or_path)
+    if p is not None and p.offline:
+        pipe = build_tiny_pipeline()
+    elif p is not None:
+        try:
+            pipe = _from_pretrained(p.repo, dtype, local_files_only)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Cannot load {p.name} ({p.repo}) from the Hugging Face hub or its local cache: {exc}\n"
+                + _how_to_get(p.repo)
+            ) from exc
+    elif os.path.isdir(os.path.expanduser(str(name_or_path))):
+        pipe = _load_folder(Path(os.path.expanduser(str(name_or_path))), dtype)
+    else:
+        raise ModelLoadError(
+            f"Unknown model {name_or_path!r}: it is neither a preset nor a folder. Presets: {_preset_list()}. "
+            f"Or give a local folder holding a diffusers Stable Diffusion checkpoint."
+        )
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        if component is not None and component.dtype != dtype:  # hub loads have it already; tiny is built in fp32
+            component.to(dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe._binding_model = p.name if p is not None else str(name_or_path)
+    return pipe
