@@ -51,6 +51,97 @@ def cmd_parse(args) -> int:
     return status
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0', '0,3,7' or '0-7' (inclusive) -> a list of seeds."""
+    seeds: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                seeds.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                seeds.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must look like 0, 0,3,7 or 0-7, not {text!r}") from None
+    if not seeds or any(s < 0 or s >= 2**63 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers, not {text!r}")
+    return seeds
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """'dark blue:car' -> ('dark blue', 'car')."""
+    if ":" not in text:
+        raise argparse.ArgumentTypeError(f"a pair is MODIFIERS:NOUN (e.g. 'red:apple' or 'small:dog#2'), not {text!r}")
+    mods, noun = text.rsplit(":", 1)
+    return mods.strip(), noun.strip()
+
+
+def cmd_generate(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from binding.analysis import ParserNotFound, PromptError, analyze, bindings_from_pairs
+    from binding.guidance import Cancelled, GuidanceError, GuidedSampler
+    from binding.models import ModelLoadError, load_pipeline
+    from binding.records import save_run
+
+    try:
+        analysis = analyze(args.prompt)
+        if not args.prompt.strip():
+            raise PromptError("the prompt is empty")
+        bindings = None
+        if args.pair:
+            bindings, problems = bindings_from_pairs(analysis, args.pair)
+            if problems:
+                raise PromptError("; ".join(str(p) for p in problems))
+        out = Path(args.out)
+        targets = [out] if len(args.seed) == 1 else [out / f"seed-{s}" for s in args.seed]
+        taken = [t for t in targets if (t / "run.json").exists()]
+        if taken and not args.overwrite:
+            raise FileExistsError(f"{taken[0]} already holds a run; pass --overwrite to replace it")
+        pipe = load_pipeline(args.model, device=args.device)
+        sampler = GuidedSampler(pipe)
+        results = sampler(
+            args.prompt, args.seed, args.method, steps=args.steps, guidance_scale=args.guidance,
+            height=args.height or args.size, width=args.width or args.size,
+            intervention_steps=args.intervention_steps, step_size=args.step_size,
+            terms=args.terms.split(",") if args.terms else None, bindings=bindings, analysis=analysis,
+            negative_prompt=args.negative_prompt, progress=not args.json,
+        )
+    except (PromptError, ParserNotFound, ModelLoadError, GuidanceError, ValueError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    for target, result in zip(targets, results):
+        save_run(result, target, overwrite=True)
+        if args.json:
+            print(_json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+        else:
+            for note in result.notes:
+                print(f"note: {note}")
+            print(f"seed {result.seed}: wrote {target}/vanilla.png, guided.png, run.json, run.npz")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from binding.bench import format_report, run_benchmark
+    from binding.models import ModelLoadError
+
+    if args.steps < 1 or args.repeats < 1:
+        print("error: --steps and --repeats must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        report = run_benchmark(args.model, steps=args.steps, repeats=args.repeats, prompt=args.prompt, device=args.device)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m binding",
@@ -64,11 +155,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parser", default=None, help="spaCy pipeline to use (default: $BINDING_SPACY_MODEL or the best installed)")
     p.add_argument("--tokenizer", default=None, help="folder with a CLIP tokenizer (default: the shipped one)")
     p.set_defaults(func=cmd_parse)
+
+    from binding.guidance import METHODS, TERMS
+
+    g = sub.add_parser("generate", help="run vanilla and guided generation from the same seed and save both")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="preset (tiny, sd-1.4, sd-1.5, sd-2.1-base) or a local diffusers folder")
+    g.add_argument("--method", default="syngen", choices=[*METHODS, "custom"])
+    g.add_argument("--terms", default=None, help=f"with --method custom: comma-separated loss terms from {', '.join(TERMS)}")
+    g.add_argument("--seed", type=parse_seeds, default=[0], help="a seed, a list 0,3,7 or a range 0-7 (one folder per seed)")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    g.add_argument("--intervention-steps", type=int, default=None, help="guided steps from the start (method default: 25)")
+    g.add_argument("--step-size", type=float, default=None, help="gradient step size (method default: 20)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--pair", action="append", type=_pair, metavar="MODS:NOUN",
+                   help="use these bindings instead of the parse's (repeatable), e.g. --pair red:apple --pair 'small:dog#2'")
+    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when available)")
+    g.add_argument("--out", required=True, help="folder for vanilla.png, guided.png, run.json and run.npz")
+    g.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
+    g.add_argument("--json", action="store_true", help="print run.json's content (one line per seed)")
+    g.set_defaults(func=cmd_generate)
+
+    from binding.bench import DEFAULT_PROMPT
+
+    b = sub.add_parser("bench", help="time vanilla, each method, diffusers' pipelines and each method's cost floor")
+    b.add_argument("--model", default="tiny")
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds after one warm-up (median reported)")
+    b.add_argument("--prompt", default=DEFAULT_PROMPT)
+    b.add_argument("--device", default=None)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return parser
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' notices (deprecations, torchvision fallbacks, safety-checker text) off the terminal."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "parse":
+        quiet_libraries()
     try:
         return args.func(args)
     except KeyboardInterrupt:
