@@ -98,7 +98,7 @@ def heat_overlay(image, heat, opacity: float = 0.6, cmap: str = "jet"):
 
 
 def heatmap_grid(rows, words, opacity: float = 0.6, cell: int = 160, cmap: str = "jet"):
-    """One row per run (e.g. vanilla, guided), one cell per word: the word's map over that run's image.
+    """One row per run (e.g. vanilla, guided), one column per word: the word's map over that run's image.
 
     ``rows`` is a sequence of ``(label, image, maps)`` with maps (H, W, T) for CLIP positions 0..T-1.
     Each cell is normalised on its own, so a faint map is still visible; compare places, not brightness.
@@ -108,22 +108,33 @@ def heatmap_grid(rows, words, opacity: float = 0.6, cell: int = 160, cmap: str =
     from binding.metrics import word_map
 
     words = [w for w in words if w.token_indices]
-    label_w, title_h, pad = 90, 22, 4
+    label_w, head_h, pad = 90, 30, 4
     width = label_w + max(len(words), 1) * (cell + pad)
-    height = len(rows) * (cell + title_h + pad) + pad
+    height = head_h + len(rows) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font(14)
+    font = _font(15)
+    for c, word in enumerate(words):  # column heads: the words, once
+        x = label_w + c * (cell + pad)
+        text = _fit(draw, word.text, font, cell)
+        draw.text((x + (cell - draw.textlength(text, font=font)) / 2, 8), text, fill="black", font=font)
     for r, (label, image, maps) in enumerate(rows):
-        y = pad + r * (cell + title_h + pad)
-        draw.text((6, y + title_h + cell // 2 - 8), str(label), fill="black", font=font)
+        y = head_h + r * (cell + pad)
+        draw.text((6, y + cell // 2 - 8), _fit(draw, str(label), font, label_w - 6), fill="black", font=font)
+        base = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
         for c, word in enumerate(words):
-            x = label_w + c * (cell + pad)
-            tile = heat_overlay(image.resize((cell, cell)), word_map(maps, word), opacity, cmap)
-            canvas.paste(tile, (x, y + title_h))
-            text = _fit(draw, word.text, font, cell)
-            draw.text((x + 2, y + 3), text, fill="black", font=font)
+            canvas.paste(heat_overlay(base, word_map(maps, word), opacity, cmap), (label_w + c * (cell + pad), y))
     return canvas
+
+
+def display_image(image, min_side: int = 256):
+    """A small image scaled up for the screen with square pixels (a 64 px model's output stays readable)."""
+    from PIL import Image
+
+    if image is None or min(image.size) >= min_side:
+        return image
+    k = -(-min_side // min(image.size))
+    return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
 
 
 def _font(size: int):
@@ -159,11 +170,18 @@ def loss_plot(losses: dict, title: str = "guidance loss per step"):
 
     fig, ax = plt.subplots(figsize=(6, 2.6), dpi=100)
     drawn = False
+    colours: dict[str, str] = {}
     for name, values in losses.items():
-        steps = [i for i, v in enumerate(values) if v is not None]
-        if steps:
-            ax.plot(steps, [values[i] for i in steps], marker="o", markersize=3, label=name)
-            drawn = True
+        steps = [i + 1 for i, v in enumerate(values) if v is not None]
+        if not steps:
+            continue
+        # "run: term" keys: one colour per term, vanilla dashed, so the same term of both runs pairs up.
+        run, _, term = name.rpartition(": ")
+        colour = colours.setdefault(term, f"C{len(colours) % 10}")
+        style = "--" if run == "vanilla" else "-"
+        ax.plot(steps, [values[i - 1] for i in steps], style, color=colour, marker="o" if style == "-" else None,
+                markersize=3, label=name)
+        drawn = True
     if drawn:
         ax.legend(fontsize=8)
     else:

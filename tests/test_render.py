@@ -63,6 +63,6 @@ def test_heatmap_grid_places_heat_where_the_map_is():
     assert tile[:, :8].mean() > 200 and tile[:, -8:].mean() < 50
     words = [Word("red", 0, 3, (1,)), Word("car", 4, 7, (2,)), Word("cut", 8, 11, ())]
     grid = heatmap_grid([("vanilla", grey, maps), ("guided", grey, maps)], words, cell=40)
-    assert grid.size == (90 + 2 * 44, 2 * (40 + 22 + 4) + 4)  # two rows; the truncated word gets no cell
+    assert grid.size == (90 + 2 * 44, 30 + 2 * (40 + 4) + 4)  # a header, two rows; the truncated word gets no cell
     plot = loss_plot({"syngen": [1.0, 0.5, None]})
     assert plot.size[0] > 100 and np.asarray(plot).std() > 0

@@ -1,0 +1,71 @@
+"""The app through its named API endpoints (gradio_client), as a script or another program uses it."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+from gradio_client import Client
+
+from apphelpers import running_app
+from binding.records import load_run
+
+
+@pytest.fixture(scope="module")
+def client():
+    with running_app("tiny") as (url, served_s):
+        print(f"app served after {served_s:.1f} s")
+        yield Client(url, verbose=False)
+
+
+def test_parse_endpoint(client):
+    parse_html, pairs, tokens_html, notice, analysis = client.predict("a dog and a small dog", api_name="/parse")
+    assert "displacy" in parse_html and "en_core_web" in parse_html
+    assert pairs["data"] == [[True, "small", "dog#2"]]
+    assert analysis["bindings"][0]["noun"]["start"] == 18
+    assert ">6<" in tokens_html.replace("<sub>", ">").replace("</sub>", "<")  # token positions shown
+
+
+def test_parse_endpoint_shows_markup_as_text(client):
+    parse_html, _, tokens_html, _, _ = client.predict('<script>alert("x")</script> a red car', api_name="/parse")
+    assert "<script" not in parse_html and "<script" not in tokens_html
+    assert "&lt;" in parse_html
+
+
+def generate(client, prompt="a red apple and a green banana", rows=None, method="SynGen", terms=None, steps=8,
+             intervention=4, step_size=20, guidance=7.5, seed=3, randomize=False):
+    terms = ["syngen_positive", "syngen_negative"] if terms is None else terms
+    rows = {"headers": ["use", "modifiers", "noun"], "data": rows if rows is not None else [[True, "red", "apple"], [True, "green", "banana"]]}
+    return client.predict(prompt, rows, "tiny", method, terms, steps, intervention, step_size, guidance, seed, randomize,
+                          api_name="/generate")
+
+
+def test_generate_endpoint(client, tmp_path):
+    vanilla, guided, summary, heatmaps, overlaps, loss_plot, step_view, files, seed = generate(client)
+    assert seed == 3 and "seed 3" in summary and "syngen" in summary
+    assert [r[0] for r in overlaps["data"]] == ["red → apple", "green → banana"]
+    names = sorted(f.rsplit("/", 1)[-1] for f in files)
+    assert names == ["guided-seed3.png", "run-seed3.zip", "vanilla-seed3.png"]
+    archive = next(f for f in files if f.endswith(".zip"))
+    with zipfile.ZipFile(archive) as z:
+        assert {"run.json", "run.npz", "vanilla.png", "guided.png"} <= set(z.namelist())
+        meta = json.loads(z.read("run.json"))
+    assert meta["seed"] == 3 and meta["settings"]["steps"] == 8
+    record = load_run(archive)
+    assert record.guided_latents is not None and record.vanilla_maps.shape[0] == 9  # PNDM: steps + 1 loop steps
+    assert abs(record.guided_latents - record.vanilla_latents).max() > 0  # the guidance changed the run
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"rows": [[True, "purple", "apple"]]}, "'purple' is not a word of the prompt"),
+        ({"steps": 500}, "greater than maximum value 100"),
+        ({"intervention": 9, "steps": 4, "method": "Bogus"}, "Bogus"),
+    ],
+)
+def test_generate_refuses_bad_input_with_a_message(client, kwargs, message):
+    with pytest.raises(Exception, match=message):
+        generate(client, **kwargs)

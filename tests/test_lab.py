@@ -1,0 +1,87 @@
+"""What the app shows, without a browser: prompt views, edited pairs, request checks, run views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from binding import lab
+
+
+def request(**kw):
+    args = dict(prompt="a red apple and a green banana", rows=[[True, "red", "apple"], [True, "green", "banana"]],
+                model="tiny", method_label="SynGen", terms=["syngen_positive", "syngen_negative"], steps=6,
+                intervention_steps=3, step_size=20, guidance_scale=7.5, seed=1, randomize_seed=False)
+    args.update(kw)
+    return lab.GenerationRequest.from_ui(**args)
+
+
+def test_prompt_view_escapes_and_colours():
+    view = lab.prompt_view("<b>x</b> a red apple")
+    assert "<b>x" not in view.parse_html and "<b>x" not in view.tokens_html
+    assert view.rows == [[True, "red", "apple"]]
+    assert "font-weight:bold" in view.tokens_html  # bound words stand out
+
+
+def test_truncation_notice():
+    view = lab.prompt_view(" ".join(["a red car and"] * 30))
+    assert "longer than CLIP reads" in view.tokens_html
+    assert "77-token limit" in view.notice
+
+
+def test_edited_rows_switched_off_and_problems():
+    analysis = lab.prompt_view("a dog and a small dog").analysis
+    bindings, problems = lab.edited_bindings(analysis, [[False, "small", "dog"], [True, "small", "dog#1"], ["true", "", "dog#2"]])
+    assert [(b.noun.start, b.modifiers[0].text) for b in bindings] == [(2, "small")]
+    assert problems == ["row 3: no modifier given for 'dog#2'"]
+    assert "<" not in lab.problems_markdown(["row 1: '<script>' is not a word"]).replace("&lt;", "")
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"prompt": "  "}, "prompt is empty"),
+        ({"model": "sd-9"}, "Unknown model"),
+        ({"method_label": "Magic"}, "Unknown method"),
+        ({"terms": ["telepathy"]}, "Unknown loss term"),
+        ({"steps": 0}, "between 1 and"),
+        ({"steps": float("nan")}, "must be a number"),
+        ({"step_size": -1}, "step size"),
+        ({"guidance_scale": 99}, "guidance scale"),
+        ({"rows": [[True, "purple", "apple"]]}, "'purple' is not a word of the prompt"),
+        ({"intervention_steps": -2}, "cannot be negative"),
+    ],
+)
+def test_bad_requests_say_what_is_wrong(kw, message):
+    with pytest.raises(ValueError, match=message):
+        request(**kw)
+
+
+def test_request_warnings_and_clamping():
+    job = request(intervention_steps=50, rows=[], terms=["syngen_positive"])
+    assert job.intervention_steps == job.steps == 6
+    assert any("exceed" in w for w in job.warnings) and any("nothing to bind" in w for w in job.warnings)
+    assert any("vanilla" in w for w in request(terms=[]).warnings)
+    seeds = {request(randomize_seed=True).seed for _ in range(5)}
+    assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_method_presets_and_custom():
+    s = lab.method_settings("Attend-and-Excite")
+    assert s["terms"] == ["ae_excite"] and s["step_size"] == 20.0 and s["intervention_steps"] == 25
+    assert lab.method_settings(lab.CUSTOM) is None
+    assert lab.terms_match("SynGen", ["syngen_negative", "syngen_positive"])
+    assert not lab.terms_match("SynGen", ["syngen_positive"])
+
+
+def test_run_view_end_to_end():
+    job = request()
+    result = lab.run_generation(job)
+    view = lab.run_view(result, step=2, opacity=0.3)
+    assert view.n_steps == 7  # PNDM runs steps + 1
+    assert [row[0] for row in view.overlaps] == ["red → apple", "green → banana"]
+    assert all(0 <= row[2] <= 1 and 0 <= row[4] <= 1 for row in view.overlaps)
+    assert view.grid.size[0] > 500 and "step 2 of 7" in view.summary
+    last = lab.run_view(result)
+    assert "step 7 of 7" in last.summary
+    assert not np.array_equal(np.asarray(view.grid), np.asarray(last.grid))  # another step, other maps
