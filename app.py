@@ -225,7 +225,8 @@ def build(model: str | None = None) -> gr.Blocks:
         )
         stop.click(on_cancel, None, None, api_visibility="private", queue=False)
         for control in (step_view, opacity):
-            control.release(on_view, [result_state, step_view, opacity], [heatmaps, overlaps], api_visibility="private")
+            control.input(on_view, [result_state, step_view, opacity], [heatmaps, overlaps], api_visibility="private",
+                          trigger_mode="always_last")
         gen  # noqa: B018 (the event is kept for readers: Cancel stops it between steps)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
