@@ -81,14 +81,20 @@ def _timed(fn, device: torch.device) -> tuple[float, float, object]:
 
 def unit_forward_backward(pipe, sampler, prompt: str, seed: int = 0):
     """A closure running one conditional UNet forward and backward w.r.t. the latents (the floor's unit)."""
+    from binding.guidance import _parameters_frozen
+
     plan = sampler.plan(prompt, "vanilla", steps=10, seeds=[seed])
     latents, _ = sampler.prepare_latents(plan, seed)
+    pipe.scheduler.set_timesteps(10)
     t = pipe.scheduler.timesteps[0]
 
     def run():
+        # As the guidance runs it (batch 1, parameters frozen, fp32 latents), but the whole UNet, on its own processors.
         z = latents.detach().float().requires_grad_(True)
-        with torch.enable_grad():
-            out = pipe.unet(z.to(pipe.unet.dtype), t, encoder_hidden_states=plan.cond_embeds, return_dict=False)[0]
+        with _parameters_frozen(pipe.unet), torch.enable_grad():
+            model_input = pipe.scheduler.scale_model_input(z, t).to(pipe.unet.dtype)
+            out = pipe.unet(model_input, t, encoder_hidden_states=plan.cond_embeds, timestep_cond=plan.timestep_cond,
+                            return_dict=False)[0]
             (grad,) = torch.autograd.grad(out.float().square().mean(), [z])
         return grad
 

@@ -921,37 +921,6 @@ class GuidedSampler:
             z = self._descend(z, total, alpha, trace)
         return z.detach().to(latents.dtype)
 
-    def conditional_pass_seconds(self, plan: Plan, repeats: int = 3, seed: int = 0) -> float:
-        """Median seconds of one *full* conditional UNet forward + backward w.r.t. the latents.
-
-        The benchmark's unit of cost: its floor for a method is the vanilla time plus this per gradient pass
-        made. Measured as the guidance runs (batch 1, parameters' gradients off) but uncut and on the UNet's own
-        processors, after one warm-up pass.
-        """
-        latents, _ = self.prepare_latents(plan, seed)
-        t = self.scheduler.timesteps[0] if len(self.scheduler.timesteps) else plan.timesteps[0]
-        cuda = latents.device.type == "cuda"
-        times = []
-        with _parameters_frozen(self.unet), torch.enable_grad():
-            for k in range(repeats + 1):
-                if cuda:
-                    torch.cuda.synchronize(latents.device)
-                start = time.perf_counter()
-                z = latents.detach().float().requires_grad_(True)
-                model_input = self.scheduler.scale_model_input(z, t).to(self.unet.dtype)
-                out = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=plan.cond_embeds,
-                    timestep_cond=plan.timestep_cond,
-                    return_dict=False,
-                )[0]
-                torch.autograd.grad(out.float().square().mean(), [z])
-                if cuda:
-                    torch.cuda.synchronize(latents.device)
-                if k:
-                    times.append(time.perf_counter() - start)
-        return float(np.median(times))
 
     # --------------------------------------------------------------------------------- 6: results
 

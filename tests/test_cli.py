@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from binding import analysis as A
 from binding.cli import main
 
@@ -64,3 +66,54 @@ def test_parse_errors_are_messages_not_tracebacks():
     assert out.returncode == 1 and "Traceback" not in out.stderr
     first, second = (json.loads(line) for line in out.stdout.strip().split("\n"))
     assert first["bindings"] and "characters long" in second["error"]
+
+
+def test_generate_writes_a_run_and_prints_json(tmp_path):
+    out = run_cli("generate", "a red apple and a green banana", "--model", "tiny", "--method", "attend-excite",
+                  "--seed", "0", "--steps", "4", "--intervention-steps", "2", "--out", str(tmp_path / "run"), "--json")
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"vanilla.png", "guided.png", "run.json", "run.npz"}
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == printed
+    assert printed["settings"]["method"] == "attend-excite" and printed["settings"]["steps"] == 4
+    assert printed["counters"]["guided"]["grad_passes"] >= 2
+    again = run_cli("generate", "a red apple", "--model", "tiny", "--steps", "2", "--out", str(tmp_path / "run"))
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # an existing run is never silently replaced
+
+
+def test_generate_seed_ranges_and_pairs(tmp_path):
+    out = run_cli("generate", "a dog and a small dog", "--model", "tiny", "--seed", "0-1", "--steps", "2",
+                  "--pair", "small:dog#1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    for seed in (0, 1):
+        meta = json.loads((tmp_path / f"seed-{seed}" / "run.json").read_text())
+        assert meta["seed"] == seed and meta["bindings"][0]["noun"]["start"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["", "--model", "tiny"], "prompt is empty"),
+        (["a red cat", "--model", "no-such-model"], "Unknown model 'no-such-model'"),
+        (["a red cat", "--model", "tiny", "--steps", "0"], "steps must be"),
+        (["a red cat", "--model", "tiny", "--pair", "blue:cat"], "'blue' is not a word of the prompt"),
+        (["a red cat", "--model", "tiny", "--seed", "x"], "seeds must look like"),
+        (["a red cat", "--model", "tiny", "--method", "custom"], "needs its loss terms"),
+    ],
+)
+def test_generate_bad_input(tmp_path, args, message):
+    out = run_cli("generate", *args, "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_prints_every_figure():
+    out = run_cli("bench", "--model", "tiny", "--steps", "2", "--repeats", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    names = [r["name"] for r in report["rows"]]
+    assert {"syngen", "divide-bind", "attend-excite", "diffusers attend-excite", "vanilla (maps captured)"} <= set(names)
+    for r in report["rows"]:
+        assert r["seconds"] > 0
+        if r["name"] in {"syngen", "divide-bind", "attend-excite"}:
+            assert r["grad_passes"] >= 2 and r["floor_s"] > 0 and r["vs_floor"] > 0
+    assert "capture_overhead" in report and report["ae_vs_diffusers"] > 0
