@@ -187,7 +187,7 @@ def build(model: str | None = None) -> gr.Blocks:
             intervention = gr.Slider(0, lab.MAX_UI_STEPS, value=preset["intervention_steps"], step=1,
                                      label="Intervention steps (guided from the start)", elem_id="intervention")
             step_size = gr.Slider(0, 100, value=preset["step_size"], step=0.5, label="Step size")
-            guidance = gr.Slider(1, 20, value=lab.DEFAULT_GUIDANCE, step=0.5, label="Guidance scale")
+            guidance = gr.Slider(1, 20, value=lab.DEFAULT_GUIDANCE_SCALE, step=0.5, label="Guidance scale")
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
             randomize = gr.Checkbox(value=False, label="Random seed")

@@ -132,9 +132,15 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
         return pipe(prompt, num_inference_steps=steps, generator=g, output_type="latent", height=size, width=size)
 
     def diffusers_ae():
-        g = torch.Generator("cpu").manual_seed(0)
-        return ae_pipe(prompt, token_indices=token_indices, num_inference_steps=steps, generator=g, output_type="latent",
-                       height=size, width=size, max_iter_to_alter=25, attn_res=tuple(grid))
+        # diffusers' A&E installs its own processors on the shared UNet and leaves them there: put ours back,
+        # or every configuration timed after it would run A&E's explicit attention in every layer.
+        processors = dict(pipe.unet.attn_processors)
+        try:
+            g = torch.Generator("cpu").manual_seed(0)
+            return ae_pipe(prompt, token_indices=token_indices, num_inference_steps=steps, generator=g,
+                           output_type="latent", height=size, width=size, max_iter_to_alter=25, attn_res=tuple(grid))
+        finally:
+            pipe.unet.set_attn_processor(processors)
 
     configs = {
         "diffusers SD (no maps)": diffusers_plain,

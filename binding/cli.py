@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="folder with a CLIP tokenizer (default: the shipped one)")
     p.set_defaults(func=cmd_parse)
 
-    from binding.guidance import METHODS, TERMS
+    from binding.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, METHODS, TERMS
 
     g = sub.add_parser("generate", help="run vanilla and guided generation from the same seed and save both")
     g.add_argument("prompt")
@@ -164,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="syngen", choices=[*METHODS, "custom"])
     g.add_argument("--terms", default=None, help=f"with --method custom: comma-separated loss terms from {', '.join(TERMS)}")
     g.add_argument("--seed", type=parse_seeds, default=[0], help="a seed, a list 0,3,7 or a range 0-7 (one folder per seed)")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     g.add_argument("--intervention-steps", type=int, default=None, help="guided steps from the start (method default: 25)")
     g.add_argument("--step-size", type=float, default=None, help="gradient step size (method default: 20)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE_SCALE})")
     g.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time vanilla, each method, diffusers' pipelines and each method's cost floor")
     b.add_argument("--model", default="tiny")
-    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     b.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds after one warm-up (median reported)")
     b.add_argument("--prompt", default=DEFAULT_PROMPT)
     b.add_argument("--device", default=None)

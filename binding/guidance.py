@@ -66,6 +66,8 @@ TERMS = ("syngen_positive", "syngen_negative", "db_attendance", "db_binding", "a
 SYNGEN_TERMS = frozenset({"syngen_positive", "syngen_negative"})
 DB_TERMS = frozenset({"db_attendance", "db_binding"})
 
+DEFAULT_STEPS = 50  # the papers' setting (SD 1.x, PNDM)
+DEFAULT_GUIDANCE_SCALE = 7.5
 MAX_STEPS = 200
 GUIDANCE_SCALE_RANGE = (1.0, 30.0)
 SIZE_RANGE = (64, 2048)
@@ -455,30 +457,19 @@ class GuidedSampler:
         seeds: int | Sequence[int] = (0,),
         method: str | Method = "syngen",
         *,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        height: int | None = None,
-        width: int | None = None,
-        intervention_steps: int | None = None,
-        step_size: float | None = None,
-        terms: Iterable[str] | None = None,
-        bindings: Sequence[Binding] | None = None,
-        subjects: Sequence[Word] | None = None,
-        analysis: Analysis | None = None,
-        negative_prompt: str | None = None,
         runs: Sequence[str] = ("vanilla", "guided"),
         decode: bool = True,
-        record_maps: bool = True,
         callback: Callable[[Progress], None] | None = None,
         progress: bool = False,
         cancel: threading.Event | Callable[[], bool] | None = None,
+        **settings,
     ) -> list[RunResult]:
         """One ``RunResult`` per seed: a vanilla and a guided run from the same initial latents.
 
-        ``bindings`` (e.g. edited by the user) replace the parsed ones; ``subjects`` (A&E/D&B objects) default
-        to the prompt's head nouns. ``runs`` may drop one side (the benchmark times them apart). ``callback``
-        gets a ``Progress`` after every loop step; ``progress=True`` shows a tqdm bar; ``cancel`` (an Event or
-        a callable) stops between steps with ``Cancelled``.
+        ``settings`` are ``plan``'s (steps, guidance_scale, height, width, intervention_steps, step_size, terms,
+        bindings, subjects, analysis, negative_prompt, record_maps). ``runs`` may drop one side (the benchmark
+        times them apart). ``callback`` gets a ``Progress`` after every loop step; ``progress=True`` shows a tqdm
+        bar; ``cancel`` (an Event or a callable) stops between steps with ``Cancelled``.
         """
         seeds = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
         runs = tuple(runs)
@@ -486,23 +477,7 @@ class GuidedSampler:
             raise ValueError(f"runs must name 'vanilla' and/or 'guided', not {runs!r}")
         with _RUN_LOCK:
             # 1-3. Check inputs, analyse the prompt, encode it: one plan for every seed.
-            plan = self.plan(
-                prompt,
-                method,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                intervention_steps=intervention_steps,
-                step_size=step_size,
-                terms=terms,
-                bindings=bindings,
-                subjects=subjects,
-                analysis=analysis,
-                negative_prompt=negative_prompt,
-                seeds=seeds,
-                record_maps=record_maps,
-            )
+            plan = self.plan(prompt, method, seeds=seeds, **settings)
             # Nothing to guide: the guided side is the vanilla run itself, computed once.
             computed = tuple(runs) if plan.guided else ("vanilla",)
             n_runs = len(seeds) * len(computed)
@@ -547,8 +522,8 @@ class GuidedSampler:
         prompt: str,
         method: str | Method = "syngen",
         *,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         height: int | None = None,
         width: int | None = None,
         intervention_steps: int | None = None,

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from binding.analysis import Analysis, Binding, analyze, bindings_from_pairs, pairs_from_bindings
+from binding.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from binding.render import PALETTE, binding_colours, parse_svg
 
 PAIR_HEADERS = ["use", "modifiers", "noun"]
@@ -143,8 +144,6 @@ TERM_CHOICES = [
     ("D&B binding (JSD attribute ↔ object)", "db_binding"),
     ("A&E excite (weakest subject's peak)", "ae_excite"),
 ]
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
 MAX_UI_STEPS = 100
 DEFAULT_OPACITY = 0.55
 OVERLAP_HEADERS = ["pair", "other noun", "vanilla: own", "vanilla: other", "guided: own", "guided: other"]

@@ -117,3 +117,19 @@ def test_bench_prints_every_figure():
         if r["name"] in {"syngen", "divide-bind", "attend-excite"}:
             assert r["grad_passes"] >= 2 and r["floor_s"] > 0 and r["vs_floor"] > 0
     assert "capture_overhead" in report and report["ae_vs_diffusers"] > 0
+
+
+def test_bench_leaves_the_pipeline_processors_as_they_were(monkeypatch):
+    from binding import bench, models
+
+    loaded = []
+    real = models.load_pipeline
+
+    def keep(*a, **k):
+        loaded.append(real(*a, **k))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load_pipeline", keep)
+    bench.run_benchmark("tiny", steps=2, repeats=1)
+    names = {type(p).__name__ for p in loaded[0].unet.attn_processors.values()}
+    assert names == {"AttnProcessor2_0"}  # diffusers' A&E pipeline installs its own; the bench must undo that
