@@ -227,15 +227,27 @@ def _clip_pieces(prompt: str, tokenizer) -> tuple[list[tuple[int, int]], list[st
     return offsets[1:-1], tokens, MAX_LENGTH - 2
 
 
+_UNPADDED: dict[int, tuple[object, object]] = {}  # id(backend) -> (backend, its clean copy); a few entries
+
+
 def _unpadded(backend):
-    """The backend tokenizer without padding or truncation (a pipeline's call with padding leaves them set)."""
+    """The backend tokenizer without padding or truncation (a pipeline's call with padding leaves them set).
+
+    The clean copy is made once per tokenizer: serialising one costs ~100 ms.
+    """
     if backend.padding is None and backend.truncation is None:
         return backend
+    hit = _UNPADDED.get(id(backend))
+    if hit is not None and hit[0] is backend:
+        return hit[1]
     from tokenizers import Tokenizer
 
     clean = Tokenizer.from_str(backend.to_str())
     clean.no_padding()
     clean.no_truncation()
+    if len(_UNPADDED) >= 8:
+        _UNPADDED.clear()
+    _UNPADDED[id(backend)] = (backend, clean)
     return clean
 
 
