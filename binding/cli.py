@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    from binding.teach import add_teach_commands
+
+    add_teach_commands(sub)
     return parser
 
 

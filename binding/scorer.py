@@ -1,0 +1,299 @@
+"""Read the objects back from a shapes-world image, and score it against its caption.
+
+Why this design. The world's colours are saturated and far apart in hue and its background is white, so a
+pixel's colour is told by its hue alone, and blending with the background (a decoder's blur at edges) keeps
+the hue while it lowers the saturation. Detection is therefore:
+
+1. each pixel with some saturation takes the palette colour of nearest hue, and its coverage ``alpha`` (how far
+   it lies from white towards that colour, 0 to 1, as if the colour were blended with the background); the
+   foreground is alpha >= 0.5, the half-coverage contour, which a symmetric blur leaves where the true edge was
+   (a saturation threshold would not: under blur it shrinks dark colours' shapes and grows bright ones');
+2. connected components per colour (8-connected), so objects of different colours that touch stay apart; blobs
+   smaller than ``min_area`` are ignored (decoder speckle);
+3. each blob's shape from scale-free numbers: extent (area / bounding-box area: square 1, circle 0.79,
+   triangle and star ~0.5), solidity (area / convex-hull area: star 0.6, the others > 0.9) and the 3-, 4- and
+   5-fold harmonics of the blob's outline radius around its centroid (triangle, square, star; ~0 for a circle),
+   which blur weakens but does not move. The most likely shape under one diagonal Gaussian per shape wins, or
+   "other" for a blob far from every shape. All of the numbers ignore position and size, the harmonics also
+   rotation.
+
+The scorer is measured on ground-truth renders, clean and degraded (blur, noise, resampling through 32x32), in
+``tests/test_scorer.py``: every object of 1000 clean renders, >= 99% under each mild degradation. Training
+also measures it on the trained VAE's round trips (``binding.teach``), the ceiling of any model's score.
+
+``score_image`` matches the caption's objects to the detections: an object is *present* when a blob of its
+shape exists, *bound* when a blob of its shape exists in its colour (one blob serves one object). A present but
+unbound object is *leaked* when its shape appears in the colour of another object of the caption: the
+attribute went to the wrong object, the failure the guidance methods target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from binding.world import COLOURS, SHAPES, parse_caption
+
+__all__ = ["Detection", "classify", "colour_labels", "detect", "score_image", "shape_features"]
+
+MIN_SATURATION = 0.12  # below this the hue is noise (the white background's grain)
+MIN_VALUE = 0.2
+MIN_ALPHA = 0.5
+MIN_AREA_FRACTION = 0.005  # of the image: 20 pixels at 64x64 (the smallest object, a 14 px star, has ~80)
+N_ANGLES = 36  # angular bins of the outline radius
+
+FEATURES = ("extent", "solidity", "harmonic3", "harmonic4", "harmonic5")
+# Each shape's features as a diagonal Gaussian: mean and spread over renders of every size, clean and degraded
+# (noise, Gaussian blur of 1 and 1.5 px, resampling through 32x32), fitted once (tests/test_scorer.py measures
+# the result on other scenes). Spreads are floored at ``MIN_SPREAD`` so no feature is trusted beyond what a
+# model's imperfect drawings allow.
+PROTOTYPES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "circle": ((0.791, 0.948, 0.001, 0.006, 0.001), (0.012, 0.007, 0.001, 0.005, 0.001)),
+    "square": ((0.994, 0.997, 0.001, 0.076, 0.001), (0.007, 0.003, 0.001, 0.004, 0.001)),
+    "triangle": ((0.568, 0.916, 0.153, 0.013, 0.017), (0.047, 0.013, 0.018, 0.011, 0.007)),
+    "star": ((0.521, 0.689, 0.017, 0.024, 0.144), (0.088, 0.093, 0.011, 0.023, 0.040)),
+}
+MIN_SPREAD = 0.02
+MAX_DISTANCE = 4.0  # RMS z-score beyond which a blob is no shape of the world ("other")
+assert tuple(PROTOTYPES) == SHAPES
+
+
+def _hues() -> np.ndarray:
+    rgb = np.array(list(COLOURS.values()), dtype=np.float64)[None] / 255.0
+    return _hsv(rgb)[0][0]
+
+
+def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue in degrees, saturation and value of an (..., 3) float array in [0, 1]."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    d = mx - mn
+    safe = np.where(d > 0, d, 1.0)
+    h = np.where(mx == r, (g - b) / safe % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h = np.where(d > 0, h * 60.0, 0.0)
+    s = np.where(mx > 0, d / np.where(mx > 0, mx, 1.0), 0.0)
+    return h, s, mx
+
+
+PALETTE_HUES = _hues()
+PALETTE_RGB = np.array(list(COLOURS.values()), dtype=np.float64)
+COLOUR_NAMES = tuple(COLOURS)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One blob: its colour, shape, bounding box (x0, y0, x1, y1; x1, y1 exclusive), area and features."""
+
+    colour: str
+    shape: str
+    box: tuple[int, int, int, int]
+    area: int
+    features: tuple[float, ...]  # FEATURES
+    distance: float  # to the chosen prototype, in feature scales (large: an odd shape)
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.colour, self.shape)
+
+    def to_dict(self) -> dict:
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "box": list(self.box),
+            "area": self.area,
+            "features": [round(f, 4) for f in self.features],
+            "distance": round(self.distance, 3),
+        }
+
+
+def _as_array(image) -> np.ndarray:
+    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image, got an array of shape {arr.shape}")
+    if arr.dtype != np.uint8:  # floats in [0, 1]
+        arr = np.clip(np.round(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    return arr
+
+
+def colour_labels(image) -> np.ndarray:
+    """(H, W) int: each foreground pixel's palette index (nearest hue, coverage >= 0.5), -1 for background."""
+    arr = _as_array(image)
+    labels = np.full(arr.shape[:2], -1, dtype=np.int64)
+    flat = arr.reshape(-1, 3).astype(np.float64)
+    mx, mn = flat.max(-1), flat.min(-1)
+    idx = np.flatnonzero((mx - mn >= MIN_SATURATION * mx) & (mx >= MIN_VALUE * 255.0))  # hue is meaningful
+    if not len(idx):
+        return labels
+    px = flat[idx]
+    h = _hsv(px / 255.0)[0]
+    diff = np.abs(h[:, None] - PALETTE_HUES)
+    nearest = np.minimum(diff, 360.0 - diff).argmin(-1)
+    towards = 255.0 - PALETTE_RGB[nearest]  # from white to the colour
+    alpha = ((255.0 - px) * towards).sum(-1) / (towards * towards).sum(-1)
+    keep = alpha >= MIN_ALPHA
+    labels.reshape(-1)[idx[keep]] = nearest[keep]
+    return labels
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """8-connected component labels (0 = not in mask): min-label propagation with pointer jumping, on the
+    mask's bounding box; vectorised, no scipy."""
+    out = np.zeros(mask.shape, dtype=np.int64)
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return out
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    m = mask[y0:y1, x0:x1]
+    h, w = m.shape
+    big = h * w
+    lab = np.where(m, np.arange(h * w).reshape(h, w), big)
+    pad = np.full((h + 2, w + 2), big)
+    while True:
+        pad[1:-1, 1:-1] = lab
+        nb = lab.copy()
+        for dy in range(3):
+            for dx in range(3):
+                np.minimum(nb, pad[dy : dy + h, dx : dx + w], out=nb)
+        nb = np.where(m, nb, big)
+        flat = np.append(nb.ravel(), big)
+        nb = np.where(m, flat[nb], big)  # jump: a pixel takes its label's label
+        if np.array_equal(nb, lab):
+            break
+        lab = nb
+    out[y0:y1, x0:x1] = np.where(m, lab + 1, 0)
+    return out
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of (N, 2) points (Andrew's monotone chain + shoelace)."""
+    pts = points[np.lexsort((points[:, 1], points[:, 0]))].tolist()
+    if len(pts) < 3:
+        return 0.0
+
+    def half(seq):
+        out: list = []
+        for p in seq:
+            while len(out) >= 2:
+                (ax, ay), (bx, by) = out[-2], out[-1]
+                if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) <= 0:
+                    out.pop()
+                else:
+                    break
+            out.append(p)
+        return out
+
+    lower, upper = half(pts), half(pts[::-1])
+    hull = np.array(lower[:-1] + upper[:-1])
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def shape_features(mask: np.ndarray) -> tuple[float, ...]:
+    """``FEATURES`` of a blob mask. Hull and outline use pixel corners, so a square's solidity is exactly 1."""
+    ys, xs = np.nonzero(mask)
+    area = len(xs)
+    extent = area / float((xs.max() + 1 - xs.min()) * (ys.max() + 1 - ys.min()))
+    corners_x = np.concatenate([xs, xs + 1, xs, xs + 1]).astype(np.float64)
+    corners_y = np.concatenate([ys, ys, ys + 1, ys + 1]).astype(np.float64)
+    # The hull needs only each row's outermost corners.
+    order = np.lexsort((corners_x, corners_y))
+    cy, cx = corners_y[order], corners_x[order]
+    first = np.r_[True, cy[1:] != cy[:-1]]
+    last = np.r_[cy[1:] != cy[:-1], True]
+    edge = first | last
+    solidity = min(area / max(_hull_area(np.stack([cx[edge], cy[edge]], 1)), 1.0), 1.0)
+    # Outline radius per angle around the centroid (the farthest corner in each bin), and its harmonics.
+    dx, dy = corners_x - (xs.mean() + 0.5), corners_y - (ys.mean() + 0.5)
+    bins = ((np.arctan2(dy, dx) + np.pi) * (N_ANGLES / (2 * np.pi))).astype(np.int64) % N_ANGLES
+    radius = np.zeros(N_ANGLES)
+    np.maximum.at(radius, bins, np.hypot(dx, dy))
+    spectrum = np.abs(np.fft.rfft(radius)) / (N_ANGLES * max(radius.mean(), 1e-9))
+    return (float(extent), float(solidity), float(spectrum[3]), float(spectrum[4]), float(spectrum[5]))
+
+
+def classify(features: Sequence[float]) -> tuple[str, float]:
+    """The most likely shape (diagonal Gaussians) and its RMS z-score; "other" when that exceeds MAX_DISTANCE."""
+    f = np.asarray(features, dtype=np.float64)
+    best, best_ll, best_z = "other", -np.inf, np.inf
+    for shape, (mean, spread) in PROTOTYPES.items():
+        sd = np.maximum(np.asarray(spread), MIN_SPREAD)
+        z2 = ((f - np.asarray(mean)) / sd) ** 2
+        ll = -0.5 * z2.sum() - np.log(sd).sum()
+        if ll > best_ll:
+            best, best_ll, best_z = shape, ll, float(np.sqrt(z2.mean()))
+    return (best if best_z <= MAX_DISTANCE else "other"), best_z
+
+
+def detect(image, min_area: int | None = None) -> list[Detection]:
+    """The objects in an RGB image (PIL or uint8/float array), largest first."""
+    labels = colour_labels(image)
+    h, w = labels.shape
+    min_area = int(round(MIN_AREA_FRACTION * h * w)) if min_area is None else int(min_area)
+    found: list[Detection] = []
+    for k in np.unique(labels):
+        if k < 0:
+            continue
+        comp = _components(labels == k)
+        ids, counts = np.unique(comp[comp > 0], return_counts=True)
+        for i, n in zip(ids, counts):
+            if n < min_area:
+                continue
+            mask = comp == i
+            ys, xs = np.nonzero(mask)
+            feats = shape_features(mask)
+            shape, dist = classify(feats)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            found.append(Detection(COLOUR_NAMES[k], shape, box, int(n), feats, dist))
+    found.sort(key=lambda d: (-d.area, d.box))
+    return found
+
+
+def score_image(image, caption_objects, detections: list[Detection] | None = None) -> dict:
+    """How an image renders its caption: presence and binding of each object, leaks, extras.
+
+    ``caption_objects``: a caption of the world's grammar or a list of (colour, shape). Returns ``present_all``
+    (every object's shape is there), ``bound_all`` (every object is there in its own colour), per-object
+    ``present``/``bound``/``leaked`` lists, ``leak_any``, ``extra`` (blobs no object claimed) and the detections.
+    """
+    if isinstance(caption_objects, str):
+        objects = parse_caption(caption_objects)
+    else:
+        objects = [tuple(o) for o in caption_objects]
+    dets = detect(image) if detections is None else detections
+    free = list(range(len(dets)))
+    bound = [False] * len(objects)
+    for j, (c, s) in enumerate(objects):  # exact matches claim their blobs first
+        for i in free:
+            if dets[i].pair == (c, s):
+                bound[j] = True
+                free.remove(i)
+                break
+    present = list(bound)
+    leaked = [False] * len(objects)
+    colours = [c for c, _ in objects]
+    other_colours = [{c2 for k, c2 in enumerate(colours) if k != j and c2 != c} for j, c in enumerate(colours)]
+    for j, (c, s) in enumerate(objects):
+        if bound[j]:
+            continue
+        candidates = [i for i in free if dets[i].shape == s]
+        if candidates:
+            # prefer a blob in another object's colour: that is the leak this object suffered
+            leaking = [i for i in candidates if dets[i].colour in other_colours[j]]
+            i = (leaking or candidates)[0]
+            present[j] = True
+            leaked[j] = bool(leaking)
+            free.remove(i)
+    return {
+        "objects": [list(o) for o in objects],
+        "present": present,
+        "bound": bound,
+        "leaked": leaked,
+        "present_all": all(present),
+        "bound_all": all(bound),
+        "leak_any": any(leaked),
+        "n_detected": len(dets),
+        "extra": len(free),
+        "detections": [d.to_dict() for d in dets],
+    }

@@ -1,0 +1,215 @@
+"""The teaching model: its layout reads a 16x16 grid, training resumes bit for bit, the export is a diffusers
+Stable Diffusion folder the guidance runs on, and the scoring statistics are right."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from binding.attention import cross_attention_layers, read_grid
+from binding.guidance import GuidedSampler
+from binding.teach import (
+    ShapesConfig,
+    Trainer,
+    add_teach_commands,
+    bootstrap_paired,
+    build_models,
+    build_shapes_pipeline,
+    format_summary,
+    newcombe_paired,
+    score,
+    summarize,
+    train,
+    wilson,
+)
+from binding.tokenizer import load_tokenizer
+
+PROMPT = "a red circle and a blue square"
+
+
+def _quiet(_msg):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The micro model is latency-bound: one thread is as fast, and immune to OpenMP stalls on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The micro model trained straight through (a) and stopped mid-diffusion then resumed (b)."""
+    root = tmp_path_factory.mktemp("teach")
+    cfg = ShapesConfig.micro()
+    a = train(root / "a", cfg, device="cpu", log=_quiet)
+    stopped = train(root / "b", cfg, device="cpu", max_steps=cfg.vae_steps + 1, log=_quiet)
+    where = (stopped.phase, stopped.step)
+    b = train(root / "b", cfg, device="cpu", log=_quiet)
+    return a, b, where
+
+
+@pytest.fixture(scope="module")
+def pipe(runs):
+    return build_shapes_pipeline(runs[0].out / "pipeline", device="cpu")
+
+
+def test_default_model_reads_a_16x16_grid_like_sd():
+    cfg = ShapesConfig()
+    vae, unet, text_encoder = build_models(cfg)
+    assert cfg.vae_factor == 4 and cfg.latent_size == 16
+    assert read_grid(unet, 64, 64, cfg.vae_factor) == (16, 16)
+    layers = cross_attention_layers(unet, 64, 64, cfg.vae_factor)
+    read = [layer for layer in layers if layer.grid == (16, 16)]
+    # SD 1.x reads 5 layers (2 down, 3 up) at its read grid; so does this model. The 8x8 mid block is not read.
+    assert [layer.place for layer in read] == ["down", "down", "up", "up", "up"]
+    assert [layer.grid for layer in layers if layer.place == "mid"] == [(8, 8)]
+    n = {name: sum(p.numel() for p in m.parameters()) for name, m in
+         (("vae", vae), ("unet", unet), ("text", text_encoder))}
+    assert n["vae"] < 1e6 and n["unet"] < 5e6 and n["text"] < 3.5e6
+    assert 4 * sum(n.values()) < 36e6  # fp32 weights + 1.5 MB tokenizer stay under 40 MB
+
+
+def test_training_runs_and_resumes_bit_for_bit(runs):
+    a, b, where = runs
+    cfg = a.cfg
+    assert where == ("diffusion", 1)
+    assert (a.phase, a.step) == (b.phase, b.step) == ("diffusion", cfg.steps)
+    losses = [loss for _, loss in a.history["vae"] + a.history["diffusion"]]
+    assert len(losses) == cfg.vae_steps + cfg.steps and all(math.isfinite(x) for x in losses)
+    assert a.history == b.history
+    sa, sb = a.state_dict(), b.state_dict()
+    for name in ("vae", "unet", "text_encoder"):
+        assert sa[name].keys() == sb[name].keys()
+        assert all(torch.equal(sa[name][k], sb[name][k]) for k in sa[name]), name
+    assert all(torch.equal(sa["ema"]["shadow"][k], sb["ema"]["shadow"][k]) for k in sa["ema"]["shadow"])
+    assert sa["ema"]["updates"] == sb["ema"]["updates"] == cfg.steps
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert torch.equal(sa["generator"], sb["generator"])
+    assert sa["scaling_factor"] == sb["scaling_factor"] > 0
+    # only the newest checkpoints of the diffusion phase are kept; each holds the VAE too
+    names = [p.name for p in a.checkpoints()]
+    assert names == ["diffusion-0000002.pt", "diffusion-0000004.pt"]
+    log = [json.loads(line) for line in (a.out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["phase"] == "diffusion" and log[-1]["step"] == cfg.steps
+
+
+def test_resume_refuses_other_settings(runs):
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(runs[0].out, ShapesConfig.micro(batch_size=8), device="cpu", log=_quiet)
+    longer = Trainer(runs[0].out, ShapesConfig.micro(steps=10), device="cpu", log=_quiet)
+    assert longer.cfg.steps == 10  # a run may be extended
+
+
+def test_export_is_a_stable_diffusion_folder(runs):
+    from diffusers import StableDiffusionPipeline
+
+    a = runs[0]
+    folder = a.out / "pipeline"
+    sd = StableDiffusionPipeline.from_pretrained(str(folder))
+    cfg = sd.scheduler.config
+    assert type(sd.scheduler).__name__ == "PNDMScheduler" and cfg.steps_offset == 1 and cfg.skip_prk_steps
+    assert cfg.beta_schedule == "scaled_linear" and cfg.prediction_type == "epsilon"
+    shipped = load_tokenizer.__wrapped__()  # a private instance: padding calls change a fast tokenizer
+    for text in (PROMPT, "", "an orange star, a pink circle and a green triangle"):
+        assert sd.tokenizer(text, padding="max_length", max_length=77).input_ids == shipped(
+            text, padding="max_length", max_length=77
+        ).input_ids
+    assert sd.vae.config.scaling_factor == pytest.approx(a.scaling_factor)
+    ema = a.ema.shadow
+    assert all(torch.equal(p, ema[f"unet.{k}"]) for k, p in sd.unet.named_parameters())
+    assert all(torch.equal(p, ema[f"text_encoder.{k}"]) for k, p in sd.text_encoder.named_parameters())
+    assert not any(p.suffix == ".bin" for p in folder.rglob("*"))
+    assert "shapes" in (folder / "README.md").read_text()
+
+
+def test_guided_sampler_runs_on_the_export(pipe, tmp_path):
+    (r,) = GuidedSampler(pipe)(PROMPT, [0], "syngen", steps=2)
+    assert r.grid == (16, 16) and r.guided_image.size == (64, 64) and r.vanilla_image.size == (64, 64)
+    assert r.counters["guided"]["grad_passes"] > 0
+    assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="teach train"):
+        build_shapes_pipeline(tmp_path)
+
+
+def test_score_pairs_every_method_with_vanilla(pipe, tmp_path):
+    res = score(methods=["syngen"], seeds=[0, 1], prompts=[PROMPT], steps=2, out=tmp_path, pipe=pipe, log=_quiet)
+    rows = res["rows"]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [
+        ("syngen", 0), ("syngen", 1), ("vanilla", 0), ("vanilla", 1)
+    ]
+    assert all(r["group"] == "custom" and isinstance(r["bound_all"], bool) for r in rows)
+    entry = res["summary"]["all"]["syngen"]
+    assert entry["n"] == entry["paired_n"] == 2 and "vs_vanilla" in entry["bound_all"]
+    assert "syngen" in format_summary(res["summary"])
+    assert json.loads((tmp_path / "summary.json").read_text())["all"]["vanilla"]["n"] == 2
+    again = score(methods=["syngen"], seeds=[0, 1], prompts=[PROMPT], steps=2, out=tmp_path, pipe=pipe, log=_quiet)
+    assert len(again["rows"]) == 4  # resumed: nothing generated twice
+    with pytest.raises(ValueError):
+        score(methods=["syngen"], seeds=[0], prompts=[PROMPT], steps=3, out=tmp_path, pipe=pipe, log=_quiet)
+    with pytest.raises(ValueError):
+        score(methods=["syngen"], seeds=[0], prompts=["a red dog"], steps=2, pipe=pipe, log=_quiet)
+
+
+def test_wilson_interval():
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_newcombe_paired_interval():
+    # Concordant pairs only: no difference and a narrow interval, narrower than if the pairs were unrelated.
+    diff, lo, hi = newcombe_paired(40, 0, 0, 60)
+    assert diff == 0 and lo < 0 < hi and hi - lo < 0.1
+    # Swapping the discordant counts mirrors the interval.
+    d1, l1, h1 = newcombe_paired(30, 15, 5, 50)
+    d2, l2, h2 = newcombe_paired(30, 5, 15, 50)
+    assert d1 == pytest.approx(0.1) and d2 == pytest.approx(-0.1)
+    assert (l1, h1) == (pytest.approx(-h2), pytest.approx(-l2))
+    assert l1 < d1 < h1 and l1 > 0  # 15 vs 5 discordant pairs out of 100: a real difference
+    assert newcombe_paired(0, 20, 0, 0)[1:] == (pytest.approx(newcombe_paired(0, 20, 0, 0)[1]), 1.0)
+    d, lo, hi = newcombe_paired(10, 3, 3, 10)
+    assert d == 0 and -1 <= lo < 0 < hi <= 1
+
+
+def test_prompt_bootstrap_and_summary():
+    rng = np.random.default_rng(0)
+    prompts = np.repeat(np.arange(10), 8)
+    vanilla = rng.random(80) < 0.3
+    guided = vanilla | (rng.random(80) < 0.3)
+    lo, hi = bootstrap_paired(guided, vanilla, prompts)
+    assert lo <= (guided.mean() - vanilla.mean()) <= hi and 0 <= lo
+    assert (lo, hi) == bootstrap_paired(guided, vanilla, prompts)
+    rows = [
+        {"method": m, "prompt": f"p{p}", "group": "seen", "seed": i, "present_all": True,
+         "bound_all": bool(x), "leak_any": not x}
+        for m, xs in (("vanilla", vanilla), ("syngen", guided))
+        for i, (p, x) in enumerate(zip(prompts, xs))
+    ]
+    s = summarize(rows)
+    e = s["seen"]["syngen"]["bound_all"]
+    assert e["rate"] == pytest.approx(guided.mean()) and e["vs_vanilla"]["diff"] == pytest.approx(
+        guided.mean() - vanilla.mean()
+    )
+    assert e["vs_vanilla"]["only_baseline"] == 0 and e["vs_vanilla"]["bootstrap_ci"] == [lo, hi]
+    assert s["all"]["vanilla"]["present_all"]["rate"] == 1.0
+
+
+def test_cli_commands_parse():
+    parser = argparse.ArgumentParser()
+    add_teach_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["teach", "train", "--out", "runs/shapes", "--max-minutes", "30", "--threads", "1"])
+    assert args.out == "runs/shapes" and args.max_minutes == 30 and args.func.__name__ == "_cmd_train"
+    args = parser.parse_args(["teach", "score", "--seeds", "0-2", "--methods", "vanilla,syngen"])
+    assert args.seeds == [0, 1, 2] and args.methods == "vanilla,syngen" and args.model is None
+    args = parser.parse_args(["teach", "export", "--run", "runs/shapes", "--to", "assets/shapes"])
+    assert args.to == "assets/shapes"
