@@ -192,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    from binding.evaluation import add_eval_command
     from binding.teach import add_teach_commands
 
+    add_eval_command(sub)
     add_teach_commands(sub)
     return parser
 
