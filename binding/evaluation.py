@@ -56,6 +56,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from binding.metrics import binding_overlaps, word_map
+from binding.stats import bootstrap_ci
 
 __all__ = [
     "ClipScorer",
@@ -84,8 +85,6 @@ __all__ = [
 
 EVAL_METHODS = ("vanilla", "syngen", "divide-bind", "attend-excite")
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"  # the papers' ViT-B/16
-N_BOOT = 2000
-BOOT_SEED = 0
 GRID_SEEDS = 8  # columns of a prompt's grid image
 GRID_CELL = 128  # pixels per image in a grid
 
@@ -481,25 +480,6 @@ def collect_rows(out: str | Path) -> list[dict]:
     for path in sorted(Path(out, "items").glob("*/metrics.json")):
         rows.append(json.loads(path.read_text(encoding="utf-8")))
     return rows
-
-
-def bootstrap_ci(
-    values: np.ndarray, clusters: np.ndarray | None = None, n_boot: int = N_BOOT, seed: int = BOOT_SEED
-) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``values``, resampling whole clusters (prompts) with replacement.
-
-    For paired differences pass guided - vanilla: the same as ``binding.teach.bootstrap_paired``.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return (float("nan"), float("nan"))
-    clusters = np.arange(v.size) if clusters is None else np.asarray(clusters)
-    keys, inv = np.unique(clusters, return_inverse=True)
-    sums = np.bincount(inv, weights=v, minlength=len(keys))
-    counts = np.bincount(inv, minlength=len(keys)).astype(np.float64)
-    picks = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
-    means = sums[picks].sum(1) / counts[picks].sum(1)
-    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
 
 
 def _num(x) -> float | None:
