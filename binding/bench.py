@@ -209,5 +209,9 @@ def format_report(report: dict) -> str:
         f"our attend-excite / diffusers' attend-excite: {report['ae_vs_diffusers']:.2f}x (goal < 1)",
         "every method within 1.15x of its floor: "
         + ("yes" if all(r["vs_floor"] <= 1.15 for r in report["rows"] if r["vs_floor"] is not None) else "no"),
+        "peak MB: "
+        + ("CUDA memory allocated above the start of the call" if s["device"].startswith("cuda") else
+           "growth of the process RSS above the start of the call (sampled every 2 ms); 0 = the call fitted in "
+           "memory the process already held"),
     ]
     return "\n".join(lines)
