@@ -19,6 +19,8 @@ import os
 import tempfile
 import threading
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a classroom or offline machine sends nothing out
+
 import gradio as gr
 
 from binding import lab
