@@ -2,13 +2,19 @@
 
 The flow, one module per stage::
 
-    analysis   prompt -> spaCy parse -> bindings (modifier words -> noun) -> CLIP token positions
-    models     model presets and loading (hub id, local folder, offline tiny model)
-    attention  capture of cross-attention maps during the UNet's forward pass
-    losses     SynGen, Divide & Bind and Attend-and-Excite losses on those maps (pure functions)
-    guidance   the denoising loop: vanilla and guided from the same seed
-    records    a run as data: images, maps, losses, settings; saved and loaded atomically
-    render     parse SVG, heatmap overlays, plots
+    analysis    prompt -> spaCy parse -> bindings (modifier words -> noun) -> CLIP token positions
+    models      model presets and loading (hub id, local folder, offline tiny model)
+    attention   capture of cross-attention maps during the UNet's forward pass, only where they are read
+    losses      SynGen, Divide & Bind and Attend-and-Excite losses on those maps (pure functions)
+    guidance    the denoising loop: vanilla and guided from the same seed
+    records     a run as data: images, maps, losses, settings; saved and loaded atomically
+    metrics     numbers read off the maps (modifier/noun overlap)
+    render      parse SVG, heatmap overlays, plots
+    lab         what the app shows, as plain functions
+
+Around it: ``bench`` (cost of each method against its floor), ``prompts`` + ``evaluation`` + ``stats``
+(prompt sets, metrics, resumable evaluation grids, reports) and ``world`` + ``scorer`` + ``teach`` (a
+teaching model trained on a world of coloured shapes whose pictures can be scored exactly).
 """
 
 __version__ = "0.1.0"
