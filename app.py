@@ -219,7 +219,7 @@ def build(model: str | None = None) -> gr.Blocks:
         pairs.input(on_pairs, [prompt, pairs], [parse_view, tokens, problems], api_visibility="private")
         method.input(on_method, method, [terms, step_size, intervention], api_visibility="private")
         terms.input(on_terms, [method, terms], method, api_visibility="private")
-        gen = run.click(
+        run.click(
             generate,
             [prompt, pairs, model_box, method, terms, steps, intervention, step_size, guidance, seed, randomize],
             [vanilla_img, guided_img, summary, heatmaps, overlaps, loss_plot, step_view, files, result_state, seed],
@@ -229,7 +229,6 @@ def build(model: str | None = None) -> gr.Blocks:
         for control in (step_view, opacity):
             control.input(on_view, [result_state, step_view, opacity], [heatmaps, overlaps], api_visibility="private",
                           trigger_mode="always_last")
-        gen  # noqa: B018 (the event is kept for readers: Cancel stops it between steps)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
 

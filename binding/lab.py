@@ -168,7 +168,7 @@ def terms_match(label: str, terms) -> bool:
 
 
 def model_banner(model: str) -> str:
-    from binding.models import preset
+    from binding.models import describe, preset
 
     p = preset(model)
     if p is not None and p.offline:
@@ -177,13 +177,7 @@ def model_banner(model: str) -> str:
             "Its pictures are not meant to look like anything; the parse, the attention maps, the losses and the "
             "guidance are real. With a GPU, choose Stable Diffusion 1.4 for real images.</div>"
         )
-    return f'<div class="banner">Model: {html.escape(describe_model(model))}</div>'
-
-
-def describe_model(model: str) -> str:
-    from binding.models import describe
-
-    return describe(model)
+    return f'<div class="banner">Model: {html.escape(describe(model))}</div>'
 
 
 # ---------------------------------------------------------------------------------------- generation
