@@ -161,7 +161,7 @@ def build(model: str | None = None) -> gr.Blocks:
             "maps while it draws and nudge the image so each word lands on its own object. Type a prompt, check "
             "its pairs, and compare vanilla and guided runs from the same seed."
         )
-        gr.HTML(lab.model_banner(model), elem_classes="banner-box")
+        banner = gr.HTML(lab.model_banner(model), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", value=lab.EXAMPLES[0], max_lines=3, elem_id="prompt")
@@ -225,6 +225,7 @@ def build(model: str | None = None) -> gr.Blocks:
             [vanilla_img, guided_img, summary, heatmaps, overlaps, loss_plot, step_view, files, result_state, seed],
             api_name="generate", concurrency_limit=1, concurrency_id="gpu",
         )
+        model_box.change(lab.model_banner, model_box, banner, api_visibility="private")
         stop.click(on_cancel, None, None, api_visibility="private", queue=False)
         for control in (step_view, opacity):
             control.input(on_view, [result_state, step_view, opacity], [heatmaps, overlaps], api_visibility="private",
