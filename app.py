@@ -29,7 +29,8 @@ from binding.guidance import METHODS, TERMS, Cancelled, GuidanceError
 from binding.models import ModelLoadError, PRESETS, default_model
 from binding.render import display_image
 
-QUEUE_SIZE = 16  # visitors waiting for a generation; more are told to come back later
+QUEUE_SIZE = 16
+N_GENERATE_OUTPUTS = 10  # images x2, summary, heatmaps, overlaps, loss plot, step slider, files, run state, seed  # visitors waiting for a generation; more are told to come back later
 CSS = """
 .parse-scroll svg { max-width: none !important; }
 .parser-name { font-size: 0.85em; color: #666; margin-bottom: 4px; }
@@ -91,7 +92,8 @@ def generate(prompt, rows, model, method_label, terms, steps, intervention_steps
     try:
         result = _run_on_gpu(job, report, cancel)
     except Cancelled:
-        raise gr.Error("Generation cancelled.") from None
+        gr.Warning("Generation cancelled; the results shown are from the previous run.")
+        return (gr.update(),) * N_GENERATE_OUTPUTS
     except ModelLoadError as exc:
         raise gr.Error(f"The model could not be loaded. {exc}") from None
     except GuidanceError as exc:
@@ -223,7 +225,7 @@ def build(model: str | None = None) -> gr.Blocks:
             generate,
             [prompt, pairs, model_box, method, terms, steps, intervention, step_size, guidance, seed, randomize],
             [vanilla_img, guided_img, summary, heatmaps, overlaps, loss_plot, step_view, files, result_state, seed],
-            api_name="generate", concurrency_limit=1, concurrency_id="gpu",
+            api_name="generate", concurrency_limit=1, concurrency_id="gpu", show_progress_on=[vanilla_img, guided_img],
         )
         model_box.change(lab.model_banner, model_box, banner, api_visibility="private")
         stop.click(on_cancel, None, None, api_visibility="private", queue=False)

@@ -75,3 +75,20 @@ def test_visitor_session(page):
     expect(page.locator("#summary")).to_contain_text("seed 0")
     page.screenshot(path=str(ARTIFACTS / "3-generated.png"), full_page=True)
     page.locator("#heatmaps").screenshot(path=str(ARTIFACTS / "4-heatmaps.png"))
+
+
+def test_progress_and_cancel(page):
+    page.locator("#prompt textarea").fill("a red apple and a green banana")
+    expect(cell(page, 1, 2)).to_contain_text("banana")
+    steps = page.locator("#steps input[type=number]")
+    steps.fill("100")
+    steps.press("Enter")
+    page.locator("#generate").click()
+    progress = page.locator(".progress-text, .progress-level").first
+    expect(progress).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / "5-progress.png"), full_page=False)
+    page.locator("#cancel").click()
+    expect(page.get_by_text("Generation cancelled").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#vanilla img")).to_be_visible()  # the previous run's results stay
+    page.screenshot(path=str(ARTIFACTS / "6-cancelled.png"), full_page=False)
