@@ -607,18 +607,19 @@ def prompt_grid(out: str | Path, prompt_index: int, methods: Sequence[str], seed
     from PIL import Image, ImageDraw
 
     seeds = list(seeds)[:GRID_SEEDS]
-    label_w, head_h, c = 96, 30, GRID_CELL
-    grid = Image.new("RGB", (label_w + c * len(seeds), head_h + c * len(methods)), "white")
+    label_w, head_h, c, gap = 96, 30, GRID_CELL, 4
+    step = c + gap  # a white gap between cells, so neighbouring images do not run together
+    grid = Image.new("RGB", (label_w + step * len(seeds), head_h + step * len(methods)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((4, 2), title[:120], fill="black")
     for j, s in enumerate(seeds):
-        draw.text((label_w + j * c + 4, 16), f"seed {s}", fill="black")
+        draw.text((label_w + j * step + 4, 16), f"seed {s}", fill="black")
     for i, m in enumerate(methods):
-        draw.text((4, head_h + i * c + c // 2 - 6), m, fill="black")
+        draw.text((4, head_h + i * step + c // 2 - 6), m, fill="black")
         for j, s in enumerate(seeds):
             item = Item(prompt_index, int(s), m)
             png = _item_dir(Path(out), item) / "run" / f"{item.side}.png"
-            box = (label_w + j * c, head_h + i * c)
+            box = (label_w + j * step, head_h + i * step)
             if png.is_file():
                 with Image.open(png) as im:
                     grid.paste(im.convert("RGB").resize((c, c)), box)

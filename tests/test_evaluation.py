@@ -226,7 +226,7 @@ def test_eval_writes_items_report_and_grids(single_run):
     assert "CLIP score skipped" in report and "| syngen | 4 |" in report and "grids/p0001.png" in report
     for f in ("plots/means.png", "plots/paired_diffs.png", "grids/p0000.png", "grids/p0001.png", "summary.json"):
         assert (out / f).is_file(), f
-    assert Image.open(out / "grids" / "p0000.png").size == (96 + 2 * 128, 30 + 2 * 128)
+    assert Image.open(out / "grids" / "p0000.png").size == (96 + 2 * (128 + 4), 30 + 2 * (128 + 4))  # 4 px gaps
     # SynGen pulls "red" onto "cat": the paired leakage difference has a sign, and the vanilla side has none
     assert summary["all"]["syngen"]["attn_leakage"]["paired_n"] == 4
     assert "CLIP score skipped" in "\n".join(logs)
