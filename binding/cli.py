@@ -115,6 +115,12 @@ def cmd_generate(args) -> int:
     except Cancelled:
         print("cancelled", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower():
+            raise
+        print(f"error: out of memory ({str(exc).splitlines()[0][:200]}); try a smaller --size, fewer --seed values "
+              "at once, or another --device", file=sys.stderr)
+        return 3
     for target, result in zip(targets, results):
         save_run(result, target, overwrite=True)
         if args.json:

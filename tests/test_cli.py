@@ -133,3 +133,17 @@ def test_bench_leaves_the_pipeline_processors_as_they_were(monkeypatch):
     bench.run_benchmark("tiny", steps=2, repeats=1)
     names = {type(p).__name__ for p in loaded[0].unet.attn_processors.values()}
     assert names == {"AttnProcessor2_0"}  # diffusers' A&E pipeline installs its own; the bench must undo that
+
+
+def test_generate_out_of_memory_is_a_message(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from binding import guidance
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(guidance.GuidedSampler, "__call__", oom)
+    assert main(["generate", "a red cat", "--model", "tiny", "--out", str(tmp_path / "x")]) == 3
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--size" in err and not (tmp_path / "x").exists()
