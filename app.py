@@ -98,17 +98,18 @@ def generate(prompt, rows, model, method_label, terms, steps, intervention_steps
         raise gr.Error(f"The model could not be loaded. {exc}") from None
     except GuidanceError as exc:
         raise gr.Error(f"{exc}. Try a smaller step size or fewer intervention steps.") from None
-    except (ValueError, MemoryError) as exc:
+    except ValueError as exc:
         raise gr.Error(str(exc)) from None
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            raise gr.Error("The GPU ran out of memory: try a smaller image or fewer steps.") from None
-        raise
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower():
+            raise
+        raise gr.Error("The machine ran out of memory for this run: try fewer steps or a smaller model.") from None
     view = lab.run_view(result, step=None, opacity=lab.DEFAULT_OPACITY)
     files = lab.downloads(result, tempfile.mkdtemp(prefix="binding-run-"))
     return (
-        display_image(result.vanilla_image), display_image(result.guided_image), view.summary, view.grid, view.overlaps, view.loss_plot,
-        gr.update(maximum=view.n_steps, value=view.n_steps, interactive=True), files, result, job.seed,
+        display_image(result.vanilla_image), display_image(result.guided_image), view.summary, view.grid,
+        view.overlaps, view.loss_plot, gr.update(maximum=view.n_steps, value=view.n_steps, interactive=True), files,
+        result, job.seed,
     )
 
 
