@@ -79,13 +79,12 @@ def _timed(fn, device: torch.device) -> tuple[float, float, object]:
     return seconds, mem.peak / 2**20, out
 
 
-def unit_forward_backward(pipe, sampler, prompt: str, seed: int = 0):
+def unit_forward_backward(pipe, sampler, plan, seed: int = 0):
     """A closure running one conditional UNet forward and backward w.r.t. the latents (the floor's unit)."""
     from binding.guidance import _parameters_frozen
 
-    plan = sampler.plan(prompt, "vanilla", steps=10, seeds=[seed])
     latents, _ = sampler.prepare_latents(plan, seed)
-    pipe.scheduler.set_timesteps(10)
+    pipe.scheduler.set_timesteps(plan.steps)
     t = pipe.scheduler.timesteps[0]
 
     def run():
@@ -117,8 +116,8 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
     token_indices = [w.token_indices[0] for w in subjects]
     ae_pipe = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in pipe.components.items() if k != "image_encoder"})
     ae_pipe.set_progress_bar_config(disable=True)
-    size = sampler.plan(prompt, "vanilla", steps=steps, seeds=[0]).height
-    grid = sampler.plan(prompt, "vanilla", steps=steps, seeds=[0]).grid
+    plan = sampler.plan(prompt, "vanilla", steps=steps, seeds=[0])  # size, grid and embeddings, encoded once
+    size, grid = plan.height, plan.grid
 
     def ours(method):
         def run():
@@ -147,7 +146,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
         "vanilla (maps captured)": ours("vanilla"),
         **{m: ours(m) for m in METHOD_NAMES},
         "diffusers attend-excite": diffusers_ae,
-        "unit: cond. UNet fwd+bwd": unit_forward_backward(pipe, sampler, prompt),
+        "unit: cond. UNet fwd+bwd": unit_forward_backward(pipe, sampler, plan),
     }
     times = {k: [] for k in configs}
     mems = {k: 0.0 for k in configs}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from binding.analysis import Analysis, Binding, analyze, bindings_from_pairs, pairs_from_bindings
 from binding.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
-from binding.render import PALETTE, binding_colours, parse_svg
+from binding.render import binding_colours, parse_svg
 
 PAIR_HEADERS = ["use", "modifiers", "noun"]
 
@@ -48,11 +48,8 @@ def parse_html(analysis: Analysis, bindings=None) -> str:
 def tokens_html(analysis: Analysis, bindings=None) -> str:
     """CLIP tokens as chips "position: piece", each bound word's chips in its binding's colour."""
     bindings = analysis.bindings if bindings is None else bindings
-    colour_of = {}
-    for k, b in enumerate(bindings):
-        for w in (b.noun, *b.modifiers):
-            for i in w.token_indices:
-                colour_of[i] = PALETTE[k % len(PALETTE)]
+    by_start = binding_colours(bindings)
+    colour_of = {i: by_start[w.start] for b in bindings for w in (b.noun, *b.modifiers) for i in w.token_indices}
     chips = []
     for i, tok in enumerate(analysis.tokens):
         style = f' style="border-color:{colour_of[i]};color:{colour_of[i]};font-weight:bold"' if i in colour_of else ""
