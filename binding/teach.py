@@ -21,7 +21,7 @@ Architecture (``ShapesConfig``), every part the class Stable Diffusion uses, so 
 
 Training (``train``), two phases, one command, resumable exactly:
 
-1. VAE alone (reconstruction MSE + a small KL), then its latent scale (``scaling_factor`` = 1 / std of the
+1. VAE alone (reconstruction MSE + a small KL, cosine-decayed rate), then its latent scale (``scaling_factor`` = 1 / std of the
    latents, SD's 0.18215 rule) is measured. First and apart, because the diffusion model must learn a fixed
    latent space: training both at once moves the target under the UNet and leaves the scale unknown.
 2. UNet and text encoder together on the frozen VAE's latents: noise-prediction MSE with min-SNR weighting
@@ -106,9 +106,10 @@ class ShapesConfig:
     text_heads: int = 4
     text_intermediate: int = 256
     # phase 1: VAE
-    vae_steps: int = 3000
+    vae_steps: int = 2000
     vae_batch_size: int = 16
-    vae_lr: float = 1e-3
+    vae_lr: float = 1e-3  # cosine-decayed to vae_lr_floor * vae_lr over vae_steps: a constant rate ends on a spike
+    vae_lr_floor: float = 0.02
     kl_weight: float = 1e-6
     # phase 2: diffusion
     steps: int = 30000
@@ -117,7 +118,7 @@ class ShapesConfig:
     warmup_steps: int = 500
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    ema_decay: float = 0.9995
+    ema_decay: float = 0.999  # half-life ~700 steps: a CPU run of a few thousand steps still averages its late weights
     cond_dropout: float = 0.1
     snr_gamma: float | None = 5.0
     # bookkeeping
@@ -259,7 +260,8 @@ def _pipeline(vae, unet, text_encoder):
     )
 
 
-def export_pipeline(folder: str | Path, vae, unet, text_encoder, card: str | None = None) -> Path:
+def export_pipeline(folder: str | Path, vae, unet, text_encoder, card: str | None = None,
+                    history: dict | None = None) -> Path:
     """Save a diffusers Stable Diffusion folder (safetensors, SD's PNDM, the shipped CLIP tokenizer).
 
     Written beside ``folder`` and renamed into place, so a reader never sees half a model.
@@ -278,6 +280,8 @@ def export_pipeline(folder: str | Path, vae, unet, text_encoder, card: str | Non
             shutil.copyfile(ASSET_DIR / name, tmp / "tokenizer" / name)
         if card:
             (tmp / "README.md").write_text(card, encoding="utf-8")
+        if history:
+            loss_curve(history, tmp / "loss.png")
         old = folder.with_name(f".{folder.name}-old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -370,10 +374,44 @@ class _EMA:
             self.shadow[k].copy_(v)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    return f"CPU {_cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+
+
+def loss_curve(history: dict[str, list], path: str | Path) -> Path:
+    """The training losses of both phases as a PNG (log scale): what the model card shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    for ax, phase, what in ((axes[0], "vae", "VAE: reconstruction MSE"),
+                            (axes[1], "diffusion", "UNet + text encoder: noise-prediction MSE")):
+        rows = history.get(phase) or []
+        if rows:
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1.2, color="#1f77b4")
+            ax.set_yscale("log")
+        ax.set_title(what, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 class Trainer:
@@ -525,6 +563,10 @@ class Trainer:
         z = posterior.mean + posterior.std * eps
         recon = self.vae.decode(z).sample
         loss = F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+        progress = min(1.0, self.step / max(1, cfg.vae_steps))
+        scale = cfg.vae_lr_floor + (1 - cfg.vae_lr_floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.vae_lr * scale
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
@@ -631,7 +673,7 @@ class Trainer:
                         p.copy_(self.ema.shadow[f"{name}.{k}"])
         vae.register_to_config(scaling_factor=float(self.scaling_factor))
         folder = folder or self.out / "pipeline"
-        return export_pipeline(folder, vae.cpu(), unet.cpu(), text_encoder.cpu(), self.model_card())
+        return export_pipeline(folder, vae.cpu(), unet.cpu(), text_encoder.cpu(), self.model_card(), self.history)
 
     # ---- the loop
 
@@ -791,7 +833,8 @@ and every pair of objects of the 28 scoring prompts `binding.world.HELDOUT_PROMP
 ## Training
 
 - Command: `python -m binding teach train --out DIR` (resumable; recipe in `binding/teach.py`).
-- Phase 1, VAE: {cfg.vae_steps} steps at batch {cfg.vae_batch_size}, AdamW lr {cfg.vae_lr}, MSE +
+- Phase 1, VAE: {cfg.vae_steps} steps at batch {cfg.vae_batch_size}, AdamW lr {cfg.vae_lr} cosine-decayed to
+  {cfg.vae_lr * cfg.vae_lr_floor:g}, MSE +
   {cfg.kl_weight} KL; {tr.elapsed["vae"] / 60:.1f} min in training steps; final loss {vae_loss:.5f}. The scorer reads
   {rt.get("correct", "?")}/{rt.get("objects", "?")} objects right from VAE round trips (the ceiling of any score).
 - Phase 2, diffusion: {tr.step} of {cfg.steps} steps at batch {cfg.batch_size}, AdamW lr {cfg.lr} (warm-up
@@ -799,7 +842,9 @@ and every pair of objects of the 28 scoring prompts `binding.world.HELDOUT_PROMP
   {cfg.cond_dropout:.0%} empty captions; {tr.elapsed["diffusion"] / 3600:.2f} h in training steps ({rate:.2f} steps/s).
 - Hardware: {"; ".join(tr.hardware) or _hardware(tr.device)}; torch {torch.__version__}.
 - Noise-prediction loss (unweighted MSE, mean over {cfg.log_every} steps) by step: {losses}.
-  Mean over the last 1000 steps: {float(np.mean(tail)):.4f}.
+  Mean over the last 1000 steps: {float(np.mean(tail)):.4f}. Both phases' curves: `loss.png`.
+
+![training losses](loss.png)
 
 ## Scores
 
@@ -916,12 +961,12 @@ def score(
     seeds = [int(s) for s in seeds]
     plist = _prompt_groups(prompts)
     if pipe is None:
-        if model is None or os.path.isdir(str(model)):
+        if model is not None and os.path.isdir(str(model)):
             pipe = build_shapes_pipeline(model, device=device)
         else:
             from binding.models import load_pipeline
 
-            pipe = load_pipeline(str(model), device=device)
+            pipe = load_pipeline(str(model or "shapes"), device=device)
     settings = {"model": str(model or "shapes"), "steps": steps, "guidance_scale": guidance_scale}
     rows: list[dict] = []
     done: set = set()

@@ -127,7 +127,12 @@ def test_export_is_a_stable_diffusion_folder(runs):
     assert all(torch.equal(p, ema[f"unet.{k}"]) for k, p in sd.unet.named_parameters())
     assert all(torch.equal(p, ema[f"text_encoder.{k}"]) for k, p in sd.text_encoder.named_parameters())
     assert not any(p.suffix == ".bin" for p in folder.rglob("*"))
-    assert "shapes" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "shapes" in card and "loss.png" in card and "cores" in card  # hardware named in the card
+    from PIL import Image
+
+    with Image.open(folder / "loss.png") as im:  # the loss curve the card shows
+        assert im.format == "PNG" and im.size[0] > 400
 
 
 def test_guided_sampler_runs_on_the_export(pipe, tmp_path):
