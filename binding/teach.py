@@ -864,6 +864,7 @@ def _thin(hist: list, n: int) -> list:
 
 
 METRICS = ("present_all", "bound_all", "leak_any")
+GRID_SEEDS = 6  # columns of the picture grid
 
 
 def summarize(rows: Sequence[dict], methods: Sequence[str] | None = None, baseline: str = "vanilla") -> dict:
@@ -944,6 +945,7 @@ def score(
     out: str | Path | None = None,
     device: str | None = None,
     save_images: bool = False,
+    intervention_steps: int | None = None,
     log: Callable[[str], None] = print,
     pipe=None,
 ) -> dict:
@@ -968,6 +970,9 @@ def score(
 
             pipe = load_pipeline(str(model or "shapes"), device=device)
     settings = {"model": str(model or "shapes"), "steps": steps, "guidance_scale": guidance_scale}
+    plan = {} if intervention_steps is None else {"intervention_steps": intervention_steps}
+    if plan:
+        settings.update(plan)
     rows: list[dict] = []
     done: set = set()
     rows_file = None
@@ -996,7 +1001,7 @@ def score(
                 run = "vanilla" if method == "vanilla" else "guided"
                 results = sampler(
                     prompt, todo, method, steps=steps, guidance_scale=guidance_scale, analysis=analysis,
-                    runs=(run,), record_maps=False,
+                    runs=(run,), record_maps=False, **plan,
                 )
                 for res in results:
                     image = res.vanilla_image if run == "vanilla" else res.guided_image
@@ -1028,6 +1033,42 @@ def score(
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         (out / "summary.txt").write_text(format_summary(summary), encoding="utf-8")
     return {"rows": rows, "summary": summary}
+
+
+def rows_from_eval(out: str | Path) -> list[dict]:
+    """The scorer's verdicts from an evaluation grid on the shapes set (``python -m binding eval --set shapes
+    --model shapes``), as ``score``'s rows: one generation serves both reports."""
+    from binding.evaluation import collect_rows
+
+    rows = []
+    for r in collect_rows(out):
+        m = r.get("metrics", {})
+        if m.get("shapes_bound_all") is None:
+            continue
+        rows.append({"method": r["method"], "prompt": r["prompt"], "group": r["group"], "seed": r["seed"],
+                     "present_all": bool(m["shapes_present_all"]), "bound_all": bool(m["shapes_bound_all"]),
+                     "leak_any": bool(m["shapes_leak_any"])})
+    if not rows:
+        raise ValueError(f"{out} holds no shapes scores: run `python -m binding eval --set shapes --model shapes "
+                         f"--out {out}` first")
+    return rows
+
+
+def picture_grid(eval_out: str | Path, prompts: Sequence[int], seeds: Sequence[int], methods: Sequence[str]):
+    """One PIL image: for each prompt (index in the set) a block of rows per method and columns per seed, from
+    an evaluation grid's items: the same seed in a column is the same start."""
+    from PIL import Image
+
+    from binding.evaluation import collect_rows, prompt_grid
+
+    texts = {r["prompt_index"]: r["prompt"] for r in collect_rows(eval_out)}
+    blocks = [prompt_grid(eval_out, i, methods, seeds, title=texts.get(i, f"prompt {i}")) for i in prompts]
+    grid = Image.new("RGB", (max(b.width for b in blocks), sum(b.height for b in blocks) + 12 * len(blocks)), "white")
+    y = 0
+    for b in blocks:
+        grid.paste(b, (0, y))
+        y += b.height + 12
+    return grid
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -1074,6 +1115,22 @@ def _cmd_export(args) -> int:
 def _cmd_score(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.from_eval:
+        try:
+            rows = rows_from_eval(args.from_eval)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        present = list(dict.fromkeys(["vanilla", *[m for m in methods if any(r["method"] == m for r in rows)]]))
+        summary = summarize(rows, present)
+        if args.grid:
+            seeds = sorted({r["seed"] for r in rows})[:GRID_SEEDS]
+            picked = args.grid_prompts or [0, 1, 2]
+            picture_grid(args.from_eval, picked, seeds, present).save(args.grid)
+            print(f"picture grid: {args.grid}", flush=True)
+        print(json.dumps(summary) if args.json else format_summary(summary), flush=True)
+        return 0
     prompts = None
     if args.prompts:
         prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
@@ -1081,7 +1138,8 @@ def _cmd_score(args) -> int:
         res = score(
             args.model, [m.strip() for m in args.methods.split(",") if m.strip()], args.seeds, prompts,
             steps=args.steps, guidance_scale=args.guidance, out=args.out, device=args.device,
-            save_images=args.save_images, log=lambda m: print(m, flush=True),
+            save_images=args.save_images, intervention_steps=args.intervention_steps,
+            log=lambda m: print(m, flush=True),
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -1123,6 +1181,11 @@ def add_teach_commands(subparsers) -> None:
     sc.add_argument("--prompts", default=None, help="a file of captions in the world's grammar (default: the held-out list)")
     sc.add_argument("--steps", type=int, default=50)
     sc.add_argument("--guidance", type=float, default=7.5)
+    sc.add_argument("--intervention-steps", type=int, default=None, help="guided steps from the start (method default: 25)")
+    sc.add_argument("--from-eval", default=None, metavar="DIR",
+                    help="no generation: summarise an eval run's shapes scores (eval --set shapes --model shapes --out DIR)")
+    sc.add_argument("--grid", default=None, metavar="PNG", help="with --from-eval: a picture grid of methods x seeds")
+    sc.add_argument("--grid-prompts", type=parse_seeds, default=None, help="prompt indices for --grid (default 0-2)")
     sc.add_argument("--out", default=None, help="folder for rows.jsonl (resumable), summary.json, summary.txt")
     sc.add_argument("--save-images", action="store_true", help="with --out: keep every image under OUT/images")
     sc.add_argument("--device", default=None)

@@ -163,6 +163,41 @@ def test_score_pairs_every_method_with_vanilla(pipe, tmp_path):
         score(methods=["syngen"], seeds=[0], prompts=["a red dog"], steps=2, pipe=pipe, log=_quiet)
 
 
+def test_score_from_an_eval_grid_reads_the_same_images(runs, tmp_path):
+    from PIL import Image
+
+    from binding.evaluation import collect_rows, run_eval
+    from binding.scorer import score_image
+    from binding.teach import picture_grid, rows_from_eval
+    from binding.world import parse_caption
+
+    out = tmp_path / "eval"
+    run_eval("shapes", out, methods=["syngen"], seeds=[0, 1], model=str(runs[0].out / "pipeline"), steps=2,
+             clip="none", limit=2, progress=False, log=_quiet)
+    rows = rows_from_eval(out)
+    assert len(rows) == 2 * 2 * 2 and {r["group"] for r in rows} == {"unseen"}
+    by_key = {(r["method"], r["prompt"], r["seed"]): r for r in rows}
+    for rec in collect_rows(out):  # each verdict is the scorer's on that item's own image
+        side = "vanilla" if rec["method"] == "vanilla" else "guided"
+        with Image.open(out / "items" / rec["item"] / "run" / f"{side}.png") as im:
+            s = score_image(im.convert("RGB"), parse_caption(rec["prompt"]))
+        r = by_key[(rec["method"], rec["prompt"], rec["seed"])]
+        assert (r["present_all"], r["bound_all"], r["leak_any"]) == (s["present_all"], s["bound_all"], s["leak_any"])
+    entry = summarize(rows, ["vanilla", "syngen"])["all"]["syngen"]
+    assert entry["n"] == entry["paired_n"] == 4
+    grid = picture_grid(out, [0, 1], [0, 1], ["vanilla", "syngen"])
+    one = picture_grid(out, [0], [0, 1], ["vanilla", "syngen"])
+    assert grid.width == one.width and grid.height > 2 * one.height - 20
+    with pytest.raises(ValueError, match="eval --set shapes"):
+        rows_from_eval(tmp_path / "empty")
+    from binding.cli import main
+
+    assert main(["teach", "score", "--from-eval", str(out), "--grid", str(tmp_path / "g.png"), "--grid-prompts", "0-1"]) == 0
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.size == grid.size
+    assert main(["teach", "score", "--from-eval", str(tmp_path / "empty")]) == 2
+
+
 def test_wilson_interval():
     lo, hi = wilson(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
