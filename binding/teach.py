@@ -1148,6 +1148,37 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _cmd_check_scorer(args) -> int:
+    """The scorer's accuracy on ground-truth renders (clean and degraded) and on the shapes model's VAE round
+    trips: how far its verdicts can be trusted, and the ceiling of any score the model can get."""
+    from binding.scorer import DEGRADATIONS, accuracy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{'renders':<26} {'objects right':>16} {'images exact':>13}  commonest errors")
+    readers = [(kind, None) for kind in DEGRADATIONS]
+    try:
+        from binding.models import ModelLoadError, load_pipeline
+
+        vae = load_pipeline(args.model, device="cpu").vae.eval()
+
+        @torch.no_grad()
+        def roundtrip(arr):
+            x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            return ((rec[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+        readers.append((f"{args.model} VAE round trip", roundtrip))
+    except ModelLoadError as exc:
+        print(f"(no VAE round trip: {exc})")
+    for kind, reader in readers:
+        a = accuracy(args.n, "clean" if reader else kind, seed=0, reader=reader)
+        errs = ", ".join(f"{c} {s} {what} x{k}" for ((c, s), what), k in a["errors"].most_common(3)) or "none"
+        print(f"{kind:<26} {a['objects_right']:>6}/{a['objects']:<5} {a['object_accuracy']:>5.1%}"
+              f" {a['image_accuracy']:>12.1%}  {errs}", flush=True)
+    return 0
+
+
 def add_teach_commands(subparsers) -> None:
     """Register ``teach train``, ``teach score`` and ``teach export`` on the CLI's subparsers."""
     from binding.cli import parse_seeds
@@ -1192,3 +1223,9 @@ def add_teach_commands(subparsers) -> None:
     sc.add_argument("--threads", type=int, default=None)
     sc.add_argument("--json", action="store_true", help="print the summary as JSON")
     sc.set_defaults(func=_cmd_score)
+
+    ck = tsub.add_parser("check-scorer", help="the scorer's accuracy on ground-truth renders and on the model's VAE")
+    ck.add_argument("--n", type=int, default=1000, help="scenes per condition (default 1000)")
+    ck.add_argument("--model", default="shapes", help="whose VAE round trips to read (default: shapes)")
+    ck.add_argument("--threads", type=int, default=None)
+    ck.set_defaults(func=_cmd_check_scorer)

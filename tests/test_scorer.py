@@ -1,45 +1,17 @@
 """The scorer reads ground-truth renders back near perfectly, clean and degraded, before it judges any model."""
 
-from collections import Counter
-
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from binding import world
-from binding.scorer import classify, detect, score_image, shape_features
+from binding.scorer import accuracy, classify, degrade, detect, score_image, shape_features
 from binding.world import COLOURS, SHAPES, layout_scene, object_mask, sample_scene
 
 
-def _degrade(arr: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """What a decoder does to a render, roughly: blur, grain, detail lost through a coarser grid."""
-    img = Image.fromarray(arr)
-    if kind.startswith("blur"):
-        img = img.filter(ImageFilter.GaussianBlur(float(kind[4:])))
-    elif kind == "resample":
-        img = img.resize((32, 32), Image.BILINEAR).resize((64, 64), Image.BICUBIC)
-    out = np.asarray(img).astype(np.float64)
-    if kind != "clean":
-        out = out + rng.normal(0.0, 10.0 if kind == "noise" else 6.0, out.shape)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
-def _accuracy(n: int, kind: str, seed: int) -> tuple[float, float, Counter]:
-    """(objects read right, images read exactly right, the errors) over n scenes of the whole world."""
-    rng = np.random.default_rng(seed)
-    right = total = exact = 0
-    errors: Counter = Counter()
-    for i in range(n):
-        scene = sample_scene((7 << 40) + seed * 100_000 + i, split="any")
-        found = Counter(d.pair for d in detect(_degrade(scene.array(), kind, rng)))
-        wanted = Counter(scene.pairs)
-        hits = sum((found & wanted).values())
-        right += hits
-        total += len(scene.objects)
-        exact += hits == len(scene.objects) and sum(found.values()) == len(scene.objects)
-        errors.update({(k, "missed"): v for k, v in (wanted - found).items()})
-        errors.update({(k, "spurious"): v for k, v in (found - wanted).items()})
-    return right / total, exact / n, errors
+def _accuracy(n: int, kind: str, seed: int):
+    a = accuracy(n, kind, seed)
+    return a["object_accuracy"], a["image_accuracy"], a["errors"]
 
 
 def test_clean_renders_are_read_perfectly():
@@ -58,6 +30,11 @@ def test_heavy_blur_costs_only_some_small_stars():
     objects, _, errors = _accuracy(200, "blur1.5", 2)
     assert objects >= 0.95
     assert all(pair[1] == "star" for (pair, what) in errors if what == "missed")
+
+
+def test_unknown_degradation_is_named():
+    with pytest.raises(ValueError, match="sharpen"):
+        degrade(np.zeros((64, 64, 3), np.uint8), "sharpen", np.random.default_rng(0))
 
 
 def test_shape_features_are_scale_free():

@@ -253,3 +253,14 @@ def test_cli_commands_parse():
     assert args.seeds == [0, 1, 2] and args.methods == "vanilla,syngen" and args.model is None
     args = parser.parse_args(["teach", "export", "--run", "runs/shapes", "--to", "assets/shapes"])
     assert args.to == "assets/shapes"
+
+
+def test_check_scorer_prints_each_condition_and_the_vae_ceiling(capsys):
+    from binding.cli import main
+
+    assert main(["teach", "check-scorer", "--n", "20", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    clean = next(line for line in out.splitlines() if line.startswith("clean"))
+    assert "100.0%" in clean  # ground truth is read perfectly
+    assert "tiny VAE round trip" in out  # a random VAE: far from perfect, and shown as such
+    assert "blur1.5" in out and "resample" in out
