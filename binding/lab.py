@@ -122,6 +122,15 @@ def binding_legend(bindings) -> str:
 
 # ------------------------------------------------------------------------------------- app settings
 
+# Prompts in the shapes world's grammar, for the teaching model: two-object prompts it never saw in training
+# (``world.HELDOUT_PROMPTS``), where its colours leak.
+SHAPES_EXAMPLES = [
+    "a blue square and a yellow triangle",
+    "a green circle and an orange square",
+    "a purple circle and a blue square",
+    "a pink square and a red star",
+    "a red circle and a yellow square and a blue star",
+]
 EXAMPLES = [
     "a red apple and a green banana",
     "a yellow flamingo and a pink sunflower",
@@ -164,10 +173,26 @@ def terms_match(label: str, terms) -> bool:
     return settings is not None and set(settings["terms"]) == set(terms or [])
 
 
-def model_banner(model: str) -> str:
-    from binding.models import describe, preset
+def examples_for(model: str) -> list[str]:
+    """The example prompts that suit a model: the shapes world's for the teaching model, everyday ones else."""
+    from binding.models import preset
 
     p = preset(model)
+    return SHAPES_EXAMPLES if p is not None and p.builder == "shapes" else EXAMPLES
+
+
+def model_banner(model: str) -> str:
+    from binding.models import describe, preset
+    from binding.world import COLOURS, SHAPES
+
+    p = preset(model)
+    if p is not None and p.builder == "shapes":
+        return (
+            f'<div class="banner">Running <b>offline</b> on <b>shapes</b>, the teaching model: {html.escape(p.description)}. '
+            f"It knows {len(COLOURS)} colours ({', '.join(COLOURS)}) and {len(SHAPES)} shapes ({', '.join(SHAPES)}), "
+            "in prompts like <i>a blue square and a yellow triangle</i>; every picture is read back by an exact "
+            "scorer. With a GPU, choose Stable Diffusion 1.4 for everyday prompts.</div>"
+        )
     if p is not None and p.offline:
         return (
             f'<div class="banner">Running <b>offline</b> on <b>{html.escape(p.name)}</b>: {html.escape(p.description)}. '
@@ -357,10 +382,45 @@ def run_summary(result, step: int, n_steps: int) -> str:
     ]
     if result.bindings:
         lines.append("pairs guided: " + binding_legend(result.bindings))
+    if str(s.get("model")) == "shapes":  # the scorer judges the teaching model's pictures exactly
+        for run in ("vanilla", "guided"):
+            image = result.image(run)
+            verdict = shapes_verdict(image, result.prompt) if image is not None else None
+            if verdict:
+                lines.append(f"**scorer, {run}:** {_md_escape(verdict)}")
     lines += [f"- {_md_escape(n)}" for n in result.notes]
     if n_steps:
         lines.append(f"*Heatmaps and overlaps at step {step} of {n_steps}; each cell is scaled on its own.*")
     return "\n\n".join(lines)
+
+
+def shapes_verdict(image, prompt: str) -> str | None:
+    """What the shapes scorer reads in a picture and whether every object has its own colour, in words; None
+    for a prompt outside the shapes world's grammar (the scorer cannot judge it)."""
+    from binding.scorer import score_image
+    from binding.world import parse_caption
+
+    try:
+        objects = parse_caption(prompt)
+    except ValueError:
+        return None
+    s = score_image(image, objects)
+    seen = ", ".join(f"{d['colour']} {d['shape']}" for d in s["detections"]) or "nothing"
+    if s["bound_all"]:
+        verdict = "every object in its own colour ✓"
+    else:
+        problems = []
+        for (colour, shape), present, bound, leaked in zip(objects, s["present"], s["bound"], s["leaked"]):
+            if bound:
+                continue
+            if leaked:
+                problems.append(f"the {shape} took another object's colour (leak)")
+            elif present:
+                problems.append(f"the {shape} is not {colour}")
+            else:
+                problems.append(f"no {shape}")
+        verdict = "; ".join(problems) + " ✗"
+    return f"sees {seen} → {verdict}"
 
 
 def _blank():

@@ -74,6 +74,23 @@ def test_method_presets_and_custom():
     assert not lab.terms_match("SynGen", ["syngen_positive"])
 
 
+def test_shapes_verdict_names_leaks_and_misses():
+    from binding.world import layout_scene
+
+    right = layout_scene([("red", "circle"), ("blue", "square")], 1).array()
+    v = lab.shapes_verdict(right, "a red circle and a blue square")
+    assert v.startswith("sees ") and "red circle" in v and "blue square" in v
+    assert v.endswith("→ every object in its own colour ✓")
+    leak = layout_scene([("red", "circle"), ("red", "square")], 1).array()
+    v = lab.shapes_verdict(leak, "a red circle and a blue square")
+    assert "the square took another object's colour (leak)" in v and v.endswith("✗")
+    miss = layout_scene([("red", "circle")], 1).array()
+    assert "no square" in lab.shapes_verdict(miss, "a red circle and a blue square")
+    wrong = layout_scene([("red", "circle"), ("green", "square")], 1).array()
+    assert "the square is not blue" in lab.shapes_verdict(wrong, "a red circle and a blue square")
+    assert lab.shapes_verdict(right, "a red apple and a green banana") is None  # outside the world: no verdict
+
+
 def test_run_view_end_to_end():
     job = request()
     result = lab.run_generation(job)
