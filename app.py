@@ -154,7 +154,8 @@ else:
 def build(model: str | None = None) -> gr.Blocks:
     load_parser()  # fail at start, with install instructions, rather than on the first visitor
     model = model or default_model()
-    first = lab.prompt_view(lab.EXAMPLES[0])
+    examples = lab.examples_for(model)
+    first = lab.prompt_view(examples[0])
     preset = lab.method_settings(lab.DEFAULT_METHOD)
     with gr.Blocks(title="binding: attribute binding lab") as demo:
         gr.Markdown(
@@ -167,8 +168,9 @@ def build(model: str | None = None) -> gr.Blocks:
         banner = gr.HTML(lab.model_banner(model), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", value=lab.EXAMPLES[0], max_lines=3, elem_id="prompt")
-                gr.Examples(lab.EXAMPLES, inputs=prompt, label="Examples (each invites a leak)")
+                prompt = gr.Textbox(label="Prompt", value=examples[0], max_lines=3, elem_id="prompt")
+                gr.Examples(lab.SHAPES_EXAMPLES, inputs=prompt, label="Shapes world (for the shapes model; each invites a leak)")
+                gr.Examples(lab.EXAMPLES, inputs=prompt, label="Everyday prompts (for Stable Diffusion)")
                 parse_view = gr.HTML(first.parse_html, label="Dependency parse", elem_id="parse")
                 notice = gr.Markdown(first.notice, elem_id="notice")
                 tokens = gr.HTML(first.tokens_html, label="CLIP tokens", elem_id="tokens")

@@ -3,7 +3,7 @@
 The flow, one module per stage::
 
     analysis    prompt -> spaCy parse -> bindings (modifier words -> noun) -> CLIP token positions
-    models      model presets and loading (hub id, local folder, offline tiny model)
+    models      model presets and loading (hub id, local folder, offline shapes and tiny models)
     attention   capture of cross-attention maps during the UNet's forward pass, only where they are read
     losses      SynGen, Divide & Bind and Attend-and-Excite losses on those maps (pure functions)
     guidance    the denoising loop: vanilla and guided from the same seed

@@ -345,11 +345,7 @@ def _settings_kwargs(settings: dict) -> dict:
 
 
 def _load_model(model: str | None, device):
-    """A preset, a local diffusers folder, or ``shapes`` (the teaching model, default folder)."""
-    if model is not None and str(model).lower() == "shapes":
-        from binding.teach import build_shapes_pipeline
-
-        return build_shapes_pipeline(None, device=device)
+    """A preset (``shapes``, ``tiny``, ``sd-1.4``...) or a local diffusers folder."""
     from binding.models import load_pipeline
 
     return load_pipeline(model, device=device)

@@ -1,10 +1,13 @@
-"""Model presets and loading: a hub id, a local diffusers folder, or the offline ``tiny`` model.
+"""Model presets and loading: a hub id, a local diffusers folder, or an offline model (``shapes``, ``tiny``).
 
 Every fact about a preset (where it comes from, what it is, its native resolution) lives in ``PRESETS`` and
 nowhere else. ``load_pipeline`` turns a preset name or a folder into a ready ``StableDiffusionPipeline``:
 half precision on CUDA (the guidance keeps its loss and latent update in fp32), fp32 on CPU, no safety
 checker, no progress bar. A model that cannot be had offline fails with ``ModelLoadError`` saying how to
 get it, instead of a stack of hub errors.
+
+The ``shapes`` model is the teaching model trained on the shapes world (``binding.teach``), shipped in
+``assets/shapes``: the offline default, it draws coloured shapes on a CPU in seconds and leaks colours like SD.
 
 The ``tiny`` model is Stable Diffusion's architecture in miniature with random weights (the shape of the
 tiny pipeline in diffusers' own tests, sized like SD in its layout: cross-attention at two UNet levels,
@@ -45,9 +48,10 @@ class Preset:
     """A named model: where its weights come from and how it is meant to be used."""
 
     name: str
-    repo: str | None  # Hugging Face hub id; None for a model built in code
+    repo: str | None  # Hugging Face hub id; None for an offline model (shipped or built in code)
     description: str
     resolution: int  # default image side in pixels
+    builder: str | None = None  # offline models: "shapes" (assets/shapes) or "tiny" (built from a seed)
 
     @property
     def offline(self) -> bool:
@@ -59,7 +63,18 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
-            "tiny", None, "Tiny random-weight Stable Diffusion built offline (tests, mechanics; images are noise)", 64
+            "shapes",
+            None,
+            "Teaching model trained on coloured shapes (offline, seconds on a CPU; leaks colours like SD)",
+            64,
+            builder="shapes",
+        ),
+        Preset(
+            "tiny",
+            None,
+            "Tiny random-weight Stable Diffusion built offline (tests, mechanics; images are noise)",
+            64,
+            builder="tiny",
         ),
         Preset(
             "sd-1.4",
@@ -77,8 +92,8 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-# The model used when there is no GPU. The app switches this to the trained "shapes" model later.
-OFFLINE_DEFAULT = "tiny"
+# The model used when there is no GPU.
+OFFLINE_DEFAULT = "shapes"
 GPU_DEFAULT = "sd-1.4"
 
 TINY_SEED = 0
@@ -116,7 +131,7 @@ def describe(name_or_path: str) -> str:
     """One line for a banner: what the model is and where it comes from."""
     p = preset(name_or_path)
     if p is not None:
-        where = "built in, offline" if p.offline else p.repo
+        where = {"shapes": "shipped in assets/shapes, offline", "tiny": "built in, offline"}.get(p.builder, p.repo)
         return f"{p.name}: {p.description} [{where}, {p.resolution} px]"
     return f"{name_or_path}: local diffusers Stable Diffusion checkpoint"
 
@@ -314,8 +329,15 @@ def load_pipeline(
     device = pick_device(device)
     dtype = dtype or _default_dtype(device)
     p = preset(name_or_path)
-    if p is not None and p.offline:
+    if p is not None and p.builder == "tiny":
         pipe = build_tiny_pipeline()
+    elif p is not None and p.builder == "shapes":
+        from binding.teach import build_shapes_pipeline
+
+        try:
+            pipe = build_shapes_pipeline(device="cpu", dtype=torch.float32)
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from exc
     elif p is not None:
         try:
             pipe = _from_pretrained(p.repo, dtype, local_files_only)

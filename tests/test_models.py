@@ -14,6 +14,7 @@ from binding.models import (
     default_size,
     describe,
     load_pipeline,
+    model_name,
     preset,
 )
 
@@ -24,12 +25,12 @@ def tiny():
 
 
 def test_presets_table_holds_the_facts():
-    assert set(PRESETS) == {"tiny", "sd-1.4", "sd-1.5", "sd-2.1-base"}
+    assert set(PRESETS) == {"shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base"}
     assert PRESETS["sd-1.4"].repo == "CompVis/stable-diffusion-v1-4"
     assert PRESETS["sd-1.5"].repo == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert PRESETS["sd-2.1-base"].repo == "stabilityai/stable-diffusion-2-1-base"
-    assert PRESETS["tiny"].offline and not PRESETS["sd-1.4"].offline
-    assert [p.resolution for p in PRESETS.values()] == [64, 512, 512, 512]
+    assert PRESETS["tiny"].offline and PRESETS["shapes"].offline and not PRESETS["sd-1.4"].offline
+    assert [p.resolution for p in PRESETS.values()] == [64, 64, 512, 512, 512]
     assert all(p.description for p in PRESETS.values())
     assert preset("SD-1.4") is PRESETS["sd-1.4"] and preset("nope") is None
     assert "CompVis/stable-diffusion-v1-4" in describe("sd-1.4") and "512" in describe("sd-1.4")
@@ -39,7 +40,7 @@ def test_presets_table_holds_the_facts():
 
 def test_default_model_depends_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert default_model() == models.OFFLINE_DEFAULT == "tiny"
+    assert default_model() == models.OFFLINE_DEFAULT == "shapes"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_model() == "sd-1.4"
 
@@ -101,6 +102,14 @@ def test_hub_preset_offline_says_how_to_get_it():
     msg = str(err.value)
     assert "huggingface-cli download CompVis/stable-diffusion-v1-4" in msg
     assert "--local-dir" in msg
+
+
+def test_shapes_preset_without_weights_says_how_to_train(monkeypatch, tmp_path):
+    from binding import teach
+
+    monkeypatch.setattr(teach, "SHAPES_DIR", tmp_path)
+    with pytest.raises(ModelLoadError, match="teach train"):
+        load_pipeline("shapes")
 
 
 def test_folder_without_checkpoint(tmp_path):
