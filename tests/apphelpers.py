@@ -21,13 +21,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(model: str = "tiny", timeout: float = 120.0):
-    """Yield (url, seconds from start to a served page); stop the server afterwards."""
+def running_app(model: str | None = "tiny", timeout: float = 120.0):
+    """Yield (url, seconds from start to a served page); stop the server afterwards. ``model=None`` starts
+    the app as the README does, with no --model (the offline default)."""
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = open(ROOT / "tests" / "artifacts" / f"app-{port}.log", "w") if (ROOT / "tests" / "artifacts").is_dir() else subprocess.DEVNULL
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--model", model],
+    flags = [] if model is None else ["--model", model]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
