@@ -633,7 +633,8 @@ def write_report(out: str | Path, log: Callable[[str], None] = print) -> dict:
     methods = [m for m in cfg["methods"] if any(r["method"] == m for r in rows)]
     summary = summarize(rows, methods)
     skipped = sorted({f"{k}: {v}" for r in rows for k, v in r.get("skipped", {}).items()})
-    times = [r["time_s"] for r in rows if r.get("time_s") is not None]
+    times = {m: [r["time_s"] for r in rows if r["method"] == m and r.get("time_s") is not None] for m in methods}
+    times = {m: t for m, t in times.items() if t}
     (out / "summary.json").write_text(json.dumps({"settings": cfg, "summary": summary, "skipped": skipped}, indent=1))
     plots = [p for p in (plot_summary(summary, out / "plots" / "means.png"),
                          plot_summary(summary, out / "plots" / "paired_diffs.png", diff=True)) if p]
@@ -653,7 +654,8 @@ def write_report(out: str | Path, log: Callable[[str], None] = print) -> dict:
         f"{cfg['n_prompts']} prompts, seeds {cfg['seeds'][0]}..{cfg['seeds'][-1]} ({len(cfg['seeds'])}), "
         f"methods {', '.join(cfg['methods'])}.",
         f"Items: {len(rows)} of {n_expected} done"
-        + (f"; mean {np.mean(times):.2f} s per item (generation)." if times else "."),
+        + ("; seconds per item (generation, mean): " + ", ".join(f"{m} {np.mean(t):.2f}" for m, t in times.items())
+           + "." if times else "."),
         "",
         "Intervals: 95% percentile bootstrap over prompts (2000 resamples, seed 0); differences are paired by "
         "(prompt, seed) with vanilla (same initial latents). ↑/↓: which way is better.",

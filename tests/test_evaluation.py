@@ -224,6 +224,10 @@ def test_eval_writes_items_report_and_grids(single_run):
     assert run.guided_image is not None and run.vanilla_latents is None and run.settings["method"] == "syngen"
     report = (out / "report.md").read_text()
     assert "CLIP score skipped" in report and "| syngen | 4 |" in report and "grids/p0001.png" in report
+    import re
+
+    timing = re.search(r"seconds per item \(generation, mean\): vanilla ([\d.]+), syngen ([\d.]+)\.", report)
+    assert timing and float(timing[1]) > 0 and float(timing[2]) > 0  # one figure per method
     for f in ("plots/means.png", "plots/paired_diffs.png", "grids/p0000.png", "grids/p0001.png", "summary.json"):
         assert (out / f).is_file(), f
     assert Image.open(out / "grids" / "p0000.png").size == (96 + 2 * (128 + 4), 30 + 2 * (128 + 4))  # 4 px gaps
