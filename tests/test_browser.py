@@ -92,3 +92,24 @@ def test_progress_and_cancel(page):
     expect(page.get_by_text("Generation cancelled").first).to_be_visible(timeout=60_000)
     expect(page.locator("#vanilla img")).to_be_visible()  # the previous run's results stay
     page.screenshot(path=str(ARTIFACTS / "6-cancelled.png"), full_page=False)
+
+
+def test_teaching_model_is_the_offline_default():
+    """Started as the README starts it (no --model, no GPU): the shapes model, its examples, the scorer's verdicts."""
+    with running_app(None) as (url, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        expect(page.locator("#banner")).to_contain_text("teaching model")
+        expect(page.locator("#prompt textarea")).to_have_value("a blue square and a yellow triangle")
+        expect(cell(page, 0, 2)).to_contain_text("square")
+        page.locator("#generate").click()
+        for elem in ("vanilla", "guided", "heatmaps"):
+            expect(page.locator(f"#{elem} img")).to_be_visible(timeout=180_000)
+        summary = page.locator("#summary")
+        expect(summary).to_contain_text("model shapes")
+        expect(summary).to_contain_text("scorer, vanilla:")
+        expect(summary).to_contain_text("scorer, guided:")
+        page.screenshot(path=str(ARTIFACTS / "7-teaching-model.png"), full_page=True)
+        browser.close()

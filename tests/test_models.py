@@ -104,6 +104,15 @@ def test_hub_preset_offline_says_how_to_get_it():
     assert "--local-dir" in msg
 
 
+def test_shapes_preset_is_the_shipped_teaching_model():
+    pipe = load_pipeline("shapes")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
+    assert model_name(pipe) == "shapes" and default_size(pipe) == 64
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on its own latents, not SD's
+    assert "assets/shapes" in describe("shapes")
+
+
 def test_shapes_preset_without_weights_says_how_to_train(monkeypatch, tmp_path):
     from binding import teach
 
