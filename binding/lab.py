@@ -188,7 +188,7 @@ def model_banner(model: str) -> str:
     p = preset(model)
     if p is not None and p.builder == "shapes":
         return (
-            f'<div class="banner">Running <b>offline</b> on <b>shapes</b>, the teaching model: {html.escape(p.description)}. '
+            f'<div class="banner">Running <b>offline</b> on <b>shapes</b>: {html.escape(p.description)}. '
             f"It knows {len(COLOURS)} colours ({', '.join(COLOURS)}) and {len(SHAPES)} shapes ({', '.join(SHAPES)}), "
             "in prompts like <i>a blue square and a yellow triangle</i>; every picture is read back by an exact "
             "scorer. With a GPU, choose Stable Diffusion 1.4 for everyday prompts.</div>"

@@ -21,15 +21,23 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
+    """One Chromium for the module: Playwright's sync API allows one running instance per thread."""
     ARTIFACTS.mkdir(exist_ok=True)
-    with running_app("tiny") as (url, _), sync_playwright() as pw:
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    with running_app("tiny") as (url, _):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(url)
         yield page
-        browser.close()
+        page.close()
 
 
 def cell(page, row: int, col: int):
@@ -94,14 +102,13 @@ def test_progress_and_cancel(page):
     page.screenshot(path=str(ARTIFACTS / "6-cancelled.png"), full_page=False)
 
 
-def test_teaching_model_is_the_offline_default():
+def test_teaching_model_is_the_offline_default(browser):
     """Started as the README starts it (no --model, no GPU): the shapes model, its examples, the scorer's verdicts."""
-    with running_app(None) as (url, _), sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+    with running_app(None) as (url, _):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(url)
-        expect(page.locator("#banner")).to_contain_text("teaching model")
+        expect(page.locator("#banner")).to_contain_text("Teaching model trained on coloured shapes")
         expect(page.locator("#prompt textarea")).to_have_value("a blue square and a yellow triangle")
         expect(cell(page, 0, 2)).to_contain_text("square")
         page.locator("#generate").click()
@@ -112,4 +119,4 @@ def test_teaching_model_is_the_offline_default():
         expect(summary).to_contain_text("scorer, vanilla:")
         expect(summary).to_contain_text("scorer, guided:")
         page.screenshot(path=str(ARTIFACTS / "7-teaching-model.png"), full_page=True)
-        browser.close()
+        page.close()
