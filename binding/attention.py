@@ -22,7 +22,9 @@ Three kinds of pass:
   conditional half of the CFG batch) for display;
 * ``record(...)`` with grad (the guidance pass, batch 1): the read layers compute QK^T once, record its softmax
   and take their output from it (diffusers' Attend-and-Excite processor does the same), and with
-  ``stop_early`` the forward pass is cut right after the last layer read: the loss depends on nothing after it.
+  ``stop_early`` the forward pass is cut right after the last layer read: the loss depends on nothing after it;
+* ``record(batch_index=None)``: the read layers take that explicit path for the whole batch, with or without
+  grad (the teaching model's grounding loss in training, and its map diagnostics, read every element).
 
 Usage::
 
@@ -137,7 +139,7 @@ def _nearest_rows(src: tuple[int, int], dst: tuple[int, int], device) -> torch.T
 class Recording:
     """The maps of one UNet pass. ``maps()`` averages the read layers; ``attribute_maps()`` stacks the finer ones."""
 
-    def __init__(self, capture: "AttentionCapture", batch_index: int, attributes: bool, stop_early: bool):
+    def __init__(self, capture: "AttentionCapture", batch_index: int | None, attributes: bool, stop_early: bool):
         self.capture = capture
         self.batch_index = batch_index
         self.attributes = attributes and bool(capture.attribute_layers)
@@ -158,14 +160,24 @@ class Recording:
     def complete(self) -> bool:
         return len(self.read) + len(self.fine) == self.expected
 
-    def maps(self) -> torch.Tensor:
-        """(gh, gw, keys) fp32: every head of every read layer, equally weighted."""
+    def _check_read(self) -> None:
         if len(self.read) != len(self.capture.read_layers):
             raise RuntimeError(
                 f"the pass recorded {len(self.read)} of {len(self.capture.read_layers)} read layers; "
                 "was the UNet called inside record()?"
             )
+
+    def maps(self) -> torch.Tensor:
+        """(gh, gw, keys) fp32: every head of every read layer, equally weighted.
+
+        With ``batch_index=None``: (batch, gh, gw, keys), each element's own average.
+        """
+        self._check_read()
         gh, gw = self.capture.grid
+        if self.batch_index is None:
+            heads = {l.name: l.heads for l in self.capture.read_layers}
+            layers = self.layer_maps()
+            return sum(m * heads[k] for k, m in layers.items()) / sum(heads.values())  # every head weighs the same
         stacked = torch.cat(
             [
                 self.read[l.name].float().reshape(-1, gh, gw, self.read[l.name].shape[-1])
@@ -173,6 +185,16 @@ class Recording:
             ]
         )
         return stacked.sum(0) / stacked.shape[0]
+
+    def layer_maps(self) -> dict[str, torch.Tensor]:
+        """Each read layer's maps averaged over its heads: name -> ([batch,] gh, gw, keys) fp32."""
+        self._check_read()
+        gh, gw = self.capture.grid
+        out = {}
+        for l in self.capture.aggregation_order:
+            probs = self.read[l.name].float()  # ([batch,] heads, gh*gw, keys)
+            out[l.name] = probs.mean(-3).reshape(*probs.shape[:-3], gh, gw, probs.shape[-1])
+        return out
 
     def attribute_maps(self) -> torch.Tensor | None:
         """(N, gh, gw, keys) fp32: each head of each finer layer at the pixels nearest-downsampling keeps.
@@ -245,8 +267,11 @@ class _CaptureProcessor:
                 f"{self.layer.name}: {n_query} queries, expected the {self.layer.grid} grid; the capture was set up "
                 "for another image size"
             )
-        if self.role == "read" and torch.is_grad_enabled() and hidden_states.ndim == 3 and attn.spatial_norm is None:
+        explicit = torch.is_grad_enabled() or rec.batch_index is None
+        if self.role == "read" and explicit and hidden_states.ndim == 3 and attn.spatial_norm is None:
             return self._explicit(attn, rec, hidden_states, encoder_hidden_states, attention_mask)
+        if rec.batch_index is None:
+            raise RuntimeError(f"{self.layer.name}: whole-batch recording needs a read layer on 3-d hidden states")
 
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         b = rec.batch_index
@@ -280,7 +305,8 @@ class _CaptureProcessor:
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
         probs = attn.get_attention_scores(query, key, attention_mask)
-        rec.add("read", self.layer.name, probs.view(batch_size, attn.heads, *probs.shape[1:])[rec.batch_index])
+        probs_b = probs.view(batch_size, attn.heads, *probs.shape[1:])
+        rec.add("read", self.layer.name, probs_b if rec.batch_index is None else probs_b[rec.batch_index])
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -325,8 +351,13 @@ class AttentionCapture:
         self._saved = None
         self.recording = None
 
-    def record(self, batch_index: int = 0, attributes: bool = False, stop_early: bool = False) -> "_RecordContext":
-        """Record the next UNet pass inside the ``with`` block (see the module docstring)."""
+    def record(
+        self, batch_index: int | None = 0, attributes: bool = False, stop_early: bool = False
+    ) -> "_RecordContext":
+        """Record the next UNet pass inside the ``with`` block (see the module docstring); ``batch_index=None``
+        records every batch element of the read layers."""
+        if batch_index is None and attributes:
+            raise ValueError("whole-batch recording reads the read layers only (attributes=False)")
         if self._saved is None:
             raise RuntimeError("attach the capture (with AttentionCapture(...)) before recording")
         return _RecordContext(self, Recording(self, batch_index, attributes, stop_early))

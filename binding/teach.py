@@ -39,6 +39,7 @@ used when present; on a CPU the run goes on in the background for hours and can 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -80,6 +81,25 @@ __all__ = [
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes"
 CHECKPOINT_FORMAT = 1
 PHASES = ("vae", "diffusion")
+# The recipe fields of v2 with the values v1 (the first shipped model) was trained with.
+LEGACY_RECIPE = dict(ground_nouns=0.0, ground_colours=0.0, ground_pixel=0.0, blank_padding=False, padding_weight=0.0)
+# Why each recipe v2 term exists: written into every model card.
+RECIPE_NOTES = {
+    "ground_nouns": "TokenCompose-style grounding (Wang et al., CVPR 2024): at every read layer, each noun's "
+                    "attention map, normalised over pixels, must put its mass inside its object's mask, "
+                    "`(1 - mass inside)^2`, plus a small pixel BCE. The world's exact masks make this free. "
+                    "Without it no word's map is object-specific (own-object share 0.50-0.51) and the guidance "
+                    "losses have nothing to act on.",
+    "ground_colours": "The same for colour words. Off by default: grounding them makes their maps follow the "
+                      "blob of their colour whatever its shape, which removes the leak the lab must show and "
+                      "leaves SynGen without effect (probe before v2).",
+    "blank_padding": "In training the UNet sees the empty prompt's encoder outputs at EOT and every padding "
+                     "position. CLIP is causal and pads with EOT, so each padding position sums up the whole "
+                     "caption: v1 read 71-90% of its cross-attention there and bound colours caption-wide.",
+    "padding_weight": "A text-encoder term keeps its EOT and padding outputs equal to the empty prompt's, so "
+                      "the stock pipeline at inference feeds the UNet what it saw in training.",
+    "init_from": "Fine-tuned from the v1 model (its VAE and latent scale kept), within a 2-hour CPU budget.",
+}
 
 
 # -------------------------------------------------------------------------------------------- config
@@ -121,6 +141,13 @@ class ShapesConfig:
     ema_decay: float = 0.999  # half-life ~700 steps: a CPU run of a few thousand steps still averages its late weights
     cond_dropout: float = 0.1
     snr_gamma: float | None = 5.0
+    # recipe v2: make the words carry the caption (see RECIPE_NOTES; each term can be switched off)
+    init_from: str | None = None  # an exported shapes model to fine-tune (skips phase 1, keeps its VAE)
+    ground_nouns: float = 0.5  # weight of the noun tokens' grounding term (0: off)
+    ground_colours: float = 0.0  # weight of the colour words' grounding term (0: off)
+    ground_pixel: float = 0.05  # weight of the pixel BCE that goes with each grounding term
+    blank_padding: bool = True  # the UNet sees the empty prompt's encoder outputs from EOT on, in training
+    padding_weight: float = 1.0  # text-encoder term: EOT and padding outputs equal to the empty prompt's
     # bookkeeping
     calibration_scenes: int = 256  # for the latent scale and the scorer-on-VAE check at the end of phase 1
     checkpoint_every: int = 1000
@@ -146,8 +173,13 @@ class ShapesConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShapesConfig":
+        """A stored config; recipe fields it predates get the values that were trained then (recipe v1)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**LEGACY_RECIPE, **{k: v for k, v in d.items() if k in known}})
+
+    @property
+    def grounded(self) -> bool:
+        return bool(self.ground_nouns or self.ground_colours)
 
     @classmethod
     def micro(cls, **overrides) -> "ShapesConfig":
@@ -414,6 +446,41 @@ def loss_curve(history: dict[str, list], path: str | Path) -> Path:
     return path
 
 
+def _tail_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """(B, 77) bool: the first EOT and every position after it (CLIP pads with EOT)."""
+    return (ids == eos).long().cumsum(1) > 0
+
+
+def object_targets(scenes: Sequence[world.Scene], ids: torch.Tensor, grid: tuple[int, int], dropped=None):
+    """Where each object's words sit and which cells of the read grid it covers.
+
+    Returns ``pos`` (B, J, 2) long: the CLIP positions of each object's (colour, shape) words; ``masks``
+    (B, J, gh*gw) float: 1 on the cells the object touches; ``valid`` (B, J) bool. J = most objects in a scene;
+    dropped (empty-caption) rows have no valid object. Every word of the world is one CLIP token and a
+    scene's colours and shapes are distinct, so each word's id occurs once in its caption.
+    """
+    from binding.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    gh, gw = grid
+    j = max(len(s.objects) for s in scenes)
+    pos = torch.zeros(len(scenes), j, 2, dtype=torch.long)
+    masks = torch.zeros(len(scenes), j, gh * gw)
+    valid = torch.zeros(len(scenes), j, dtype=torch.bool)
+    for b, scene in enumerate(scenes):
+        if dropped is not None and bool(dropped[b]):
+            continue
+        row = ids[b].tolist()
+        for k, obj in enumerate(scene.objects):
+            for c, word in enumerate(obj.pair):
+                pos[b, k, c] = row.index(tok.convert_tokens_to_ids(word + "</w>"))
+            m = world.object_mask(obj, world.CANVAS)
+            cells = m.reshape(gh, m.shape[0] // gh, gw, m.shape[1] // gw).any(axis=(1, 3))
+            masks[b, k] = torch.from_numpy(cells.reshape(-1).astype(np.float32))
+            valid[b, k] = True
+    return pos, masks, valid
+
+
 class Trainer:
     """Both phases of ``train``; holds models, optimiser, EMA and the noise generator (see the module docstring)."""
 
@@ -458,6 +525,8 @@ class Trainer:
         self._new_optimizer()
         self._ids: dict[str, torch.Tensor] = {}
         self._window: list[float] = []
+        self._terms_window: list[dict[str, float]] = []
+        self.base: dict | None = None  # the model a fine-tune started from
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -500,6 +569,7 @@ class Trainer:
             "vae_roundtrip": self.vae_roundtrip,
             "hardware": self.hardware,
             "history": self.history,
+            "base": self.base,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -515,6 +585,7 @@ class Trainer:
         self.vae_roundtrip = state.get("vae_roundtrip")
         self.hardware = list(state.get("hardware", []))
         self.history = state["history"]
+        self.base = state.get("base")
         self._new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
@@ -601,8 +672,25 @@ class Trainer:
             acp.sqrt().float().view(-1, 1, 1, 1).to(self.device) * latents
             + (1 - acp).sqrt().float().view(-1, 1, 1, 1).to(self.device) * noise
         )
-        cond = self.text_encoder(self._token_ids(captions))[0]
-        pred = self.unet(noisy, t.to(self.device), encoder_hidden_states=cond).sample
+        ids = self._token_ids(captions)
+        cond = self.text_encoder(ids)[0]
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.blank_padding or cfg.padding_weight:
+            empty = self.text_encoder(self._token_ids([""]))[0]
+            tail = _tail_mask(ids, self.tokenizer.eos_token_id)[..., None]  # EOT and every padding position
+            if cfg.padding_weight:
+                terms["padding"] = ((cond - empty.detach()).pow(2) * tail).sum() / (tail.sum() * cond.shape[-1])
+            if cfg.blank_padding:
+                cond = torch.where(tail, empty.expand_as(cond), cond)
+        if cfg.grounded:
+            from binding.attention import AttentionCapture
+
+            with AttentionCapture(self.unet, cfg.resolution, cfg.resolution, cfg.vae_factor) as capture:
+                with capture.record(batch_index=None) as rec:
+                    pred = self.unet(noisy, t.to(self.device), encoder_hidden_states=cond).sample
+                terms.update(self._grounding(rec.layer_maps(), scenes, ids, drop))
+        else:
+            pred = self.unet(noisy, t.to(self.device), encoder_hidden_states=cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         if cfg.snr_gamma:
             snr = acp / (1 - acp)
@@ -610,6 +698,11 @@ class Trainer:
             loss = (per_sample * weight).mean()
         else:
             loss = per_sample.mean()
+        weights = {"padding": cfg.padding_weight, "ground_nouns": cfg.ground_nouns,
+                   "ground_colours": cfg.ground_colours, "pixel_nouns": cfg.ground_pixel,
+                   "pixel_colours": cfg.ground_pixel}
+        for name, value in terms.items():
+            loss = loss + weights[name] * value
         lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -618,15 +711,65 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(list(self._trainable().values()), cfg.grad_clip)
         self.optimizer.step()
         self.ema.update(self._trainable())
+        self._terms_window.append({k: float(v.detach()) for k, v in terms.items()})
         return per_sample.mean().item()  # the unweighted loss: comparable across recipes
 
+    def _grounding(self, layer_maps: dict[str, torch.Tensor], scenes, ids: torch.Tensor, dropped) -> dict:
+        """The grounding terms: for each word kind switched on, the mean over read layers and objects of
+        ``(1 - mass of the word's normalised map inside its object)^2``, and the pixel BCE of its map."""
+        cfg = self.cfg
+        gh, gw = next(iter(layer_maps.values())).shape[1:3]
+        pos, masks, valid = object_targets(scenes, ids, (gh, gw), dropped)
+        if not valid.any():
+            return {}
+        pos, masks, valid = pos.to(self.device), masks.to(self.device), valid.to(self.device)
+        out = {}
+        for kind, column, weight in (("nouns", 1, cfg.ground_nouns), ("colours", 0, cfg.ground_colours)):
+            if not weight:
+                continue
+            token, pixel = [], []
+            for m in layer_maps.values():
+                flat = m.flatten(1, 2)  # (B, HW, keys)
+                idx = pos[..., column]  # (B, J)
+                a = torch.gather(flat, 2, idx[:, None, :].expand(-1, flat.shape[1], -1)).transpose(1, 2)  # (B, J, HW)
+                inside = (a / a.sum(-1, keepdim=True).clamp_min(1e-8) * masks).sum(-1)
+                token.append(((1 - inside) ** 2)[valid].mean())
+                pixel.append(F.binary_cross_entropy(a[valid].clamp(1e-6, 1 - 1e-6), masks[valid]))
+            out[f"ground_{kind}"] = torch.stack(token).mean()
+            if cfg.ground_pixel:
+                out[f"pixel_{kind}"] = torch.stack(pixel).mean()
+        return out
+
     # ---- phase transitions and export
+
+    def start_from(self, folder: str | Path) -> None:
+        """Phase 2 from an exported shapes model: its VAE and latent scale kept, UNet and text encoder trained on.
+
+        The architecture in ``cfg`` must be the exported one (loading the weights checks it).
+        """
+        folder = Path(folder)
+        pipe = build_shapes_pipeline(folder, device="cpu")
+        for name in ("vae", "unet", "text_encoder"):
+            getattr(self, name).load_state_dict(getattr(pipe, name).state_dict())
+        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        self.vae.register_to_config(scaling_factor=self.scaling_factor)
+        card = folder / "README.md"
+        steps = None
+        if card.is_file():
+            import re
+
+            m = re.search(r"Phase 2, diffusion: (\d+)", card.read_text(encoding="utf-8"))
+            steps = int(m.group(1)) if m else None
+        self.base = {"folder": str(folder), "diffusion_steps": steps}
+        self.phase, self.step = "diffusion", 0
+        self._new_optimizer()  # its EMA starts at the loaded weights
+        self.vae_roundtrip = self._vae_roundtrip()
+        self.log(f"fine-tuning {folder} ({steps or '?'} diffusion steps); scorer on its VAE round trips "
+                 f"{self.vae_roundtrip['correct']}/{self.vae_roundtrip['objects']} objects")
 
     @torch.no_grad()
     def _finish_vae(self) -> None:
         """Measure the latent scale and how well the scorer reads VAE round trips, then start phase 2."""
-        from binding.scorer import detect
-
         cfg = self.cfg
         self.vae.eval()
         calib = [world.training_scene((2 << 36) + i, cfg.data_seed) for i in range(cfg.calibration_scenes)]
@@ -634,7 +777,22 @@ class Trainer:
               for i in range(0, len(calib), 64)]
         self.scaling_factor = float(1.0 / torch.cat(zs).float().std())
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
-        # The scorer on VAE round trips of scenes from the whole world: the ceiling of any score of the model.
+        self.vae_roundtrip = self._vae_roundtrip()
+        ok, total = self.vae_roundtrip["correct"], self.vae_roundtrip["objects"]
+        self.log(f"vae: scaling factor {self.scaling_factor:.4f}; scorer on VAE round trips {ok}/{total} objects")
+        if ok < 0.95 * total:
+            self.log("warning: the scorer misreads many VAE round trips; the model's scores will be capped by the VAE "
+                     "(train the VAE longer: a new --out with a larger --vae-steps)")
+        self.phase, self.step = "diffusion", 0
+        self._new_optimizer()
+
+    @torch.no_grad()
+    def _vae_roundtrip(self) -> dict:
+        """The scorer on VAE round trips of scenes from the whole world: the ceiling of any score of the model."""
+        from binding.scorer import detect
+
+        cfg = self.cfg
+        self.vae.eval()
         scenes = [world.sample_scene((3 << 36) + i, split="any") for i in range(cfg.calibration_scenes)]
         ok = total = 0
         for i in range(0, len(scenes), 64):
@@ -649,13 +807,7 @@ class Trainer:
                     if pair in got:
                         ok += 1
                         got.remove(pair)
-        self.vae_roundtrip = {"objects": total, "correct": ok, "accuracy": ok / total}
-        self.log(f"vae: scaling factor {self.scaling_factor:.4f}; scorer on VAE round trips {ok}/{total} objects")
-        if ok < 0.95 * total:
-            self.log("warning: the scorer misreads many VAE round trips; the model's scores will be capped by the VAE "
-                     "(train the VAE longer: a new --out with a larger --vae-steps)")
-        self.phase, self.step = "diffusion", 0
-        self._new_optimizer()
+        return {"objects": total, "correct": ok, "accuracy": ok / total}
 
     def model_card(self) -> str:
         return _model_card(self)
@@ -733,11 +885,16 @@ class Trainer:
                     mean = float(np.mean(self._window))
                     self._window = []
                     self.history[self.phase].append((self.step, mean))
+                    terms = _mean_terms(self._terms_window)
+                    self._terms_window = []
+                    if terms:
+                        self.history.setdefault("terms", []).append((self.step, terms))
                     rate = self.step / max(self.elapsed[self.phase], 1e-9)
-                    logf.write(json.dumps({"phase": self.phase, "step": self.step, "loss": mean,
+                    logf.write(json.dumps({"phase": self.phase, "step": self.step, "loss": mean, **terms,
                                            "elapsed_s": round(self.elapsed[self.phase], 2)}) + "\n")
                     logf.flush()
-                    self.log(f"{self.phase} {self.step}/{total} loss {mean:.5f} ({rate:.2f} steps/s, "
+                    extra = "".join(f", {k} {v:.4f}" for k, v in terms.items())
+                    self.log(f"{self.phase} {self.step}/{total} loss {mean:.5f}{extra} ({rate:.2f} steps/s, "
                              f"{(total - self.step) / max(rate, 1e-9) / 60:.1f} min left)")
                 if self.step % cfg.checkpoint_every == 0 and self.step < total:
                     self._checkpoint_and_export()
@@ -759,6 +916,11 @@ class Trainer:
         self.log(msg)
 
 
+def _mean_terms(window: list[dict[str, float]]) -> dict[str, float]:
+    names = {k for row in window for k in row}
+    return {k: float(np.mean([row[k] for row in window if k in row])) for k in sorted(names)}
+
+
 def _in_main_thread() -> bool:
     import threading
 
@@ -777,10 +939,14 @@ def train(
     trainer = Trainer(out, cfg, device, log)
     if not trainer.resume():
         cfg = trainer.cfg
+        if cfg.init_from:
+            trainer.start_from(cfg.init_from)
+        phases = (f"{cfg.steps} diffusion steps" if cfg.init_from
+                  else f"{cfg.vae_steps} VAE steps then {cfg.steps} diffusion steps")
         log(
             f"new run in {out} on {_hardware(trainer.device)}: VAE {_count(trainer.vae) / 1e6:.2f}M, "
             f"UNet {_count(trainer.unet) / 1e6:.2f}M, text encoder {_count(trainer.text_encoder) / 1e6:.2f}M "
-            f"parameters; {cfg.vae_steps} VAE steps then {cfg.steps} diffusion steps at batch {cfg.batch_size}"
+            f"parameters; {phases} at batch {cfg.batch_size}"
         )
     trainer.run(max_steps=max_steps, max_minutes=max_minutes)
     return trainer
@@ -1078,7 +1244,11 @@ def _cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("steps", args.steps), ("vae_steps", args.vae_steps),
-                                   ("batch_size", args.batch_size), ("checkpoint_every", args.checkpoint_every))
+                                   ("batch_size", args.batch_size), ("checkpoint_every", args.checkpoint_every),
+                                   ("lr", args.lr), ("warmup_steps", args.warmup_steps),
+                                   ("init_from", args.init_from), ("ground_nouns", args.ground_nouns),
+                                   ("ground_colours", args.ground_colours), ("ground_pixel", args.ground_pixel),
+                                   ("blank_padding", args.blank_padding), ("padding_weight", args.padding_weight))
                  if v is not None}
     out = Path(args.out)
     if (out / "config.json").is_file():
@@ -1192,6 +1362,20 @@ def add_teach_commands(subparsers) -> None:
     tr.add_argument("--vae-steps", type=int, default=None, help=f"VAE steps (default {ShapesConfig.vae_steps})")
     tr.add_argument("--batch-size", type=int, default=None, help=f"diffusion batch (default {ShapesConfig.batch_size}; fixed for a run)")
     tr.add_argument("--checkpoint-every", type=int, default=None, help=f"steps between checkpoints (default {ShapesConfig.checkpoint_every})")
+    tr.add_argument("--lr", type=float, default=None, help=f"diffusion learning rate (default {ShapesConfig.lr})")
+    tr.add_argument("--warmup-steps", type=int, default=None, help=f"(default {ShapesConfig.warmup_steps})")
+    tr.add_argument("--init-from", default=None, metavar="DIR",
+                    help="fine-tune an exported shapes model (e.g. assets/shapes): its VAE is kept, phase 1 skipped")
+    tr.add_argument("--ground-nouns", type=float, default=None,
+                    help=f"weight of the nouns' grounding term, 0 = off (default {ShapesConfig.ground_nouns})")
+    tr.add_argument("--ground-colours", type=float, default=None,
+                    help=f"weight of the colour words' grounding term (default {ShapesConfig.ground_colours})")
+    tr.add_argument("--ground-pixel", type=float, default=None,
+                    help=f"weight of the grounding's pixel BCE (default {ShapesConfig.ground_pixel})")
+    tr.add_argument("--blank-padding", action=argparse.BooleanOptionalAction, default=None,
+                    help="the UNet sees the empty prompt's EOT/padding outputs in training (default on)")
+    tr.add_argument("--padding-weight", type=float, default=None,
+                    help=f"weight of the text encoder's padding term (default {ShapesConfig.padding_weight})")
     tr.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call (checkpointed)")
     tr.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes in this call (checkpointed)")
     tr.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when available)")
