@@ -25,9 +25,10 @@ import gradio as gr
 
 from binding import lab
 from binding.analysis import load_parser
-from binding.guidance import METHODS, TERMS, Cancelled, GuidanceError
+from binding.guidance import Cancelled, GuidanceError
 from binding.models import ModelLoadError, PRESETS, default_model
 from binding.render import display_image
+from binding.settings import RANGES, defaults_for
 
 QUEUE_SIZE = 16
 N_GENERATE_OUTPUTS = 10  # images x2, summary, heatmaps, overlaps, loss plot, step slider, files, run state, seed  # visitors waiting for a generation; more are told to come back later
@@ -59,9 +60,9 @@ def on_pairs(prompt: str, rows):
     return (*lab.recoloured(view.analysis, bindings), lab.problems_markdown(problems))
 
 
-def on_method(label: str):
-    """A preset sets its loss terms and its paper's step size and intervention steps."""
-    settings = lab.method_settings(label)
+def on_method(label: str, model: str):
+    """A preset sets its loss terms and its step size and intervention steps on this model."""
+    settings = lab.method_settings(label, model)
     if settings is None:  # custom: leave everything as the visitor set it
         return gr.update(), gr.update(), gr.update()
     return settings["terms"], settings["step_size"], settings["intervention_steps"]
@@ -154,9 +155,13 @@ else:
 def build(model: str | None = None) -> gr.Blocks:
     load_parser()  # fail at start, with install instructions, rather than on the first visitor
     model = model or default_model()
-    examples = lab.examples_for(model)
+    examples = lab.examples_for(model) or [""]
     first = lab.prompt_view(examples[0])
-    preset = lab.method_settings(lab.DEFAULT_METHOD)
+    preset = lab.method_settings(lab.DEFAULT_METHOD, model)
+
+    def slider(name, value, **kw):
+        r = RANGES[name]
+        return gr.Slider(r.lo, r.hi, value=value, step=r.step, label=kw.pop("label", r.label), **kw)
     with gr.Blocks(title="binding: attribute binding lab") as demo:
         gr.Markdown(
             "# binding: attribute binding in text-to-image diffusion\n"
@@ -169,8 +174,7 @@ def build(model: str | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", value=examples[0], max_lines=3, elem_id="prompt")
-                gr.Examples(lab.SHAPES_EXAMPLES, inputs=prompt, label="Shapes world (for the shapes model; each invites a leak)")
-                gr.Examples(lab.EXAMPLES, inputs=prompt, label="Everyday prompts (for Stable Diffusion)")
+                gr.Examples([[e] for e in examples], inputs=prompt, label="Examples for this model (each invites a leak)")
                 parse_view = gr.HTML(first.parse_html, label="Dependency parse", elem_id="parse")
                 notice = gr.Markdown(first.notice, elem_id="notice")
                 tokens = gr.HTML(first.tokens_html, label="CLIP tokens", elem_id="tokens")
@@ -190,11 +194,11 @@ def build(model: str | None = None) -> gr.Blocks:
             method = gr.Radio(lab.METHOD_LABELS, value=lab.DEFAULT_METHOD, label="Method", scale=2)
         terms = gr.CheckboxGroup(lab.TERM_CHOICES, value=preset["terms"], label="Loss terms")
         with gr.Row():
-            steps = gr.Slider(1, lab.MAX_UI_STEPS, value=lab.DEFAULT_STEPS, step=1, label="Inference steps", elem_id="steps")
-            intervention = gr.Slider(0, lab.MAX_UI_STEPS, value=preset["intervention_steps"], step=1,
-                                     label="Intervention steps (guided from the start)", elem_id="intervention")
-            step_size = gr.Slider(0, 100, value=preset["step_size"], step=0.5, label="Step size")
-            guidance = gr.Slider(1, 20, value=lab.DEFAULT_GUIDANCE_SCALE, step=0.5, label="Guidance scale")
+            steps = slider("steps", preset["steps"], elem_id="steps")
+            intervention = slider("intervention_steps", preset["intervention_steps"],
+                                  label="Intervention steps (guided from the start)", elem_id="intervention")
+            step_size = slider("step_size", preset["step_size"])
+            guidance = slider("guidance_scale", defaults_for(model, "syngen")["guidance_scale"])
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
             randomize = gr.Checkbox(value=False, label="Random seed")
@@ -222,7 +226,7 @@ def build(model: str | None = None) -> gr.Blocks:
         prompt.change(on_prompt, prompt, parse_outputs, api_name="parse", trigger_mode="always_last")
         reset.click(on_prompt, prompt, parse_outputs, api_visibility="private")
         pairs.input(on_pairs, [prompt, pairs], [parse_view, tokens, problems], api_visibility="private")
-        method.input(on_method, method, [terms, step_size, intervention], api_visibility="private")
+        method.input(on_method, [method, model_box], [terms, step_size, intervention], api_visibility="private")
         terms.input(on_terms, [method, terms], method, api_visibility="private")
         run.click(
             generate,

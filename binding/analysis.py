@@ -33,6 +33,11 @@ MAX_PROMPT_CHARS = 10_000
 # SynGen's modifier labels. A noun's children with these labels, and their MODS/conj descendants, bind to it.
 MODS = frozenset({"amod", "nmod", "compound", "npadvmod", "advmod", "acomp"})
 NOUN_POS = frozenset({"NOUN", "PROPN"})
+# Colour words (the prompt sets' 13 colours and common others): Divide & Bind's authors bind one colour per object.
+COLOUR_WORDS = frozenset(
+    "red orange yellow green blue purple pink brown gray grey black white violet cyan magenta gold golden silver "
+    "beige turquoise teal navy maroon crimson scarlet indigo lavender lime olive tan ivory cream".split()
+)
 SUBJECT_DEPS = frozenset({"nsubj", "nsubjpass"})
 
 
@@ -130,6 +135,10 @@ class Analysis:
 
 
 # ------------------------------------------------------------------------------------------- parser
+
+
+def is_colour_word(text: str) -> bool:
+    return text.strip().lower() in COLOUR_WORDS
 
 
 def _installed(name: str) -> bool:

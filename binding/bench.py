@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 DEFAULT_PROMPT = "a red apple and a green banana"
-METHOD_NAMES = ("syngen", "divide-bind", "attend-excite")
 
 
 @dataclass
@@ -106,6 +105,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
 
     from binding.analysis import analyze
     from binding.guidance import GuidedSampler
+    from binding.methods import method_names
     from binding.models import load_pipeline
 
     pipe = load_pipeline(model, device=device)
@@ -144,7 +144,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
     configs = {
         "diffusers SD (no maps)": diffusers_plain,
         "vanilla (maps captured)": ours("vanilla"),
-        **{m: ours(m) for m in METHOD_NAMES},
+        **{m: ours(m) for m in method_names(guided_only=True)},
         "diffusers attend-excite": diffusers_ae,
         "unit: cond. UNet fwd+bwd": unit_forward_backward(pipe, sampler, plan),
     }
@@ -158,7 +158,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
             seconds, mem, out = _timed(fn, dev)
             times[name].append(seconds)
             mems[name] = max(mems[name], mem)
-            if name in METHOD_NAMES:
+            if name in method_names(guided_only=True):
                 passes[name] = int(out.counters["guided"]["grad_passes"])
     med = {k: statistics.median(v) for k, v in times.items()}
     unit = med["unit: cond. UNet fwd+bwd"]
@@ -168,7 +168,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
         row = Row(name, med[name], peak_mem_mb=mems[name])
         if name != "unit: cond. UNet fwd+bwd":
             row.vs_vanilla = med[name] / vanilla
-        if name in METHOD_NAMES:
+        if name in method_names(guided_only=True):
             row.grad_passes = passes[name]
             row.floor_s = vanilla + passes[name] * unit
             row.vs_floor = med[name] / row.floor_s

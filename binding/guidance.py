@@ -39,39 +39,11 @@ import torch
 
 from binding.analysis import Analysis, Binding, Word
 from binding.attention import AttentionCapture, Recording
-from binding.losses import (
-    attend_excite_loss,
-    db_attribute_maps,
-    db_object_maps,
-    divide_bind_loss,
-    syngen_loss,
-)
+from binding.methods import NEEDS_NOTE, TERMS, Method, compute_terms, resolve_method
 from binding.records import RunResult
+from binding.settings import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, RANGES
 
-__all__ = [
-    "Cancelled",
-    "GuidanceError",
-    "GuidedSampler",
-    "METHODS",
-    "Method",
-    "Plan",
-    "Progress",
-    "TERMS",
-    "custom_method",
-    "generate",
-    "resolve_method",
-]
-
-TERMS = ("syngen_positive", "syngen_negative", "db_attendance", "db_binding", "ae_excite")
-SYNGEN_TERMS = frozenset({"syngen_positive", "syngen_negative"})
-DB_TERMS = frozenset({"db_attendance", "db_binding"})
-
-DEFAULT_STEPS = 50  # the papers' setting (SD 1.x, PNDM)
-DEFAULT_GUIDANCE_SCALE = 7.5
-MAX_STEPS = 200
-GUIDANCE_SCALE_RANGE = (1.0, 30.0)
-SIZE_RANGE = (64, 2048)
-MAX_STEP_SIZE = 1000.0
+__all__ = ["Cancelled", "GuidanceError", "GuidedSampler", "Plan", "Progress"]
 
 # One lock for the process: a run installs processors on a UNet and drives its pipeline's scheduler.
 _RUN_LOCK = threading.RLock()
@@ -83,147 +55,6 @@ class Cancelled(Exception):
 
 class GuidanceError(ValueError):
     """A run went numerically wrong (NaN/inf latents); the message names the step."""
-
-
-# ------------------------------------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True)
-class Method:
-    """How one method guides: its loss terms, step sizes and refinement (METHODS.md sections 1-3)."""
-
-    name: str
-    terms: frozenset[str]
-    step_size: float = 20.0
-    schedule: str = "constant"  # "constant", or "sqrt-decay": step_size * sqrt(linspace(1, 0.5, n_loop_steps))
-    intervention_steps: int = 25  # a gradient step at every loop index i < this
-    refinement: str | None = None  # None, "ae-peak" (weakest subject peak) or "db-tv" (smallest object TV)
-    thresholds: tuple[tuple[int, float], ...] = ()  # (loop index, threshold): refine there while unmet
-    max_refinement: int = 20  # iterations per refinement
-    first_max_refinement: int | None = None  # the cap at i = 0, if different (D&B: 50)
-    description: str = ""
-
-    def __post_init__(self):
-        unknown = set(self.terms) - set(TERMS)
-        if unknown:
-            raise ValueError(f"unknown loss term(s) {sorted(unknown)}; the terms are {', '.join(TERMS)}")
-        if self.schedule not in ("constant", "sqrt-decay"):
-            raise ValueError(f"unknown step-size schedule {self.schedule!r} (constant or sqrt-decay)")
-        if self.refinement not in (None, "ae-peak", "db-tv"):
-            raise ValueError(f"unknown refinement {self.refinement!r} (ae-peak, db-tv or None)")
-
-    @property
-    def threshold_map(self) -> dict[int, float]:
-        return dict(self.thresholds)
-
-    def refinement_cap(self, i: int) -> int:
-        return self.first_max_refinement if (i == 0 and self.first_max_refinement is not None) else self.max_refinement
-
-    def step_sizes(self, n_loop_steps: int) -> list[float]:
-        """alpha_i for every loop index (A&E and D&B: ``20 * sqrt(linspace(1, .5, len(timesteps)))``)."""
-        if self.schedule == "constant":
-            return [float(self.step_size)] * n_loop_steps
-        return [float(a) for a in self.step_size * np.sqrt(np.linspace(1.0, 0.5, n_loop_steps))]
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "terms": [t for t in TERMS if t in self.terms],
-            "step_size": self.step_size,
-            "schedule": self.schedule,
-            "intervention_steps": self.intervention_steps,
-            "refinement": self.refinement,
-            "thresholds": {str(i): v for i, v in self.thresholds},
-            "max_refinement": self.max_refinement,
-            "first_max_refinement": self.first_max_refinement,
-        }
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("vanilla", frozenset(), description="Stable Diffusion without guidance"),
-        Method(
-            "syngen",
-            SYNGEN_TERMS,
-            step_size=20.0,
-            schedule="constant",
-            description="SynGen: pull each modifier's map onto its noun's, push both away from the other words",
-        ),
-        Method(
-            "divide-bind",
-            DB_TERMS,
-            step_size=20.0,
-            schedule="sqrt-decay",
-            refinement="db-tv",
-            thresholds=((0, 0.05), (10, 0.2), (20, 0.3)),
-            max_refinement=20,
-            first_max_refinement=50,
-            description="Divide & Bind: maximise each object's total variation, match attributes to objects (JSD)",
-        ),
-        Method(
-            "attend-excite",
-            frozenset({"ae_excite"}),
-            step_size=20.0,
-            schedule="sqrt-decay",
-            refinement="ae-peak",
-            thresholds=((0, 0.05), (10, 0.5), (20, 0.8)),
-            max_refinement=20,
-            description="Attend-and-Excite: raise the attention peak of the most neglected subject",
-        ),
-    )
-}
-
-
-def custom_method(terms: Iterable[str], **overrides) -> Method:
-    """A method with any subset of ``TERMS``, on the schedule of the method it is closest to.
-
-    With ``ae_excite`` it follows Attend-and-Excite's schedule and refinement, else with a Divide & Bind term
-    Divide & Bind's, else SynGen's. ``overrides`` replace any field (step_size, schedule, thresholds...).
-    """
-    terms = frozenset(terms)
-    base = METHODS["attend-excite" if "ae_excite" in terms else "divide-bind" if terms & DB_TERMS else "syngen"]
-    if "thresholds" in overrides and isinstance(overrides["thresholds"], Mapping):
-        overrides["thresholds"] = tuple(sorted((int(k), float(v)) for k, v in overrides["thresholds"].items()))
-    return dataclasses.replace(
-        base, name="custom", terms=terms, description="custom combination of loss terms", **overrides
-    )
-
-
-def resolve_method(
-    method: str | Method = "syngen",
-    terms: Iterable[str] | None = None,
-    step_size: float | None = None,
-    intervention_steps: int | None = None,
-) -> Method:
-    """A ``Method`` from a preset name (or "custom" with ``terms``) and optional overrides."""
-    if isinstance(method, Method):
-        m = method
-    else:
-        key = str(method).strip().lower().replace("_", "-")
-        key = {
-            "divide-and-bind": "divide-bind",
-            "db": "divide-bind",
-            "ae": "attend-excite",
-            "a&e": "attend-excite",
-            "attend-and-excite": "attend-excite",
-            "none": "vanilla",
-        }.get(key, key)
-        if key == "custom":
-            if terms is None:
-                raise ValueError(f"method 'custom' needs its loss terms: any of {', '.join(TERMS)}")
-            m = custom_method(terms)
-        elif key in METHODS:
-            m = METHODS[key]
-        else:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or custom")
-    if terms is not None and frozenset(terms) != m.terms:
-        m = dataclasses.replace(m, name="custom", terms=frozenset(terms))
-    if step_size is not None:
-        m = dataclasses.replace(m, step_size=float(step_size))
-    if intervention_steps is not None:
-        m = dataclasses.replace(m, intervention_steps=int(intervention_steps))
-    return m
 
 
 # ------------------------------------------------------------------------------------------- progress
@@ -241,10 +72,6 @@ class Progress:
     total: int  # loop steps of a run (PNDM: steps + 1)
     fraction: float  # of the whole call, 0..1
     losses: dict[str, float]  # the active terms on this step's maps (empty for a vanilla method)
-
-    @property
-    def label(self) -> str:
-        return f"{self.run} (seed {self.seed})"
 
 
 def _cancel_requested(cancel) -> bool:
@@ -409,11 +236,15 @@ def _word_key(w: Word) -> tuple[int, int]:
     return (w.start, w.end)
 
 
-def _divide_bind_pairs(bindings: Sequence[Binding], subjects: Sequence[Word]):
-    """D&B's (object channel, attribute channel) pairs from the parse: each subject's modifiers are its attributes.
+def _divide_bind_pairs(bindings: Sequence[Binding], subjects: Sequence[Word], choice: str = "all"):
+    """D&B's (object channel, attribute channel) pairs from the parse.
 
+    ``choice="all"``: each subject's modifiers are its attributes. ``"nearest-colour"`` (the authors' pipeline
+    takes one colour index per object): the colour word nearest the noun, else the nearest modifier.
     Returns (attribute words, pairs, nouns of bindings that are not subjects and so are left out).
     """
+    from binding.analysis import is_colour_word
+
     subject_keys = [_word_key(w) for w in subjects]
     attributes: list[Word] = []
     pairs: list[tuple[int, int]] = []
@@ -422,7 +253,11 @@ def _divide_bind_pairs(bindings: Sequence[Binding], subjects: Sequence[Word]):
         if _word_key(b.noun) not in subject_keys:
             unpaired.append(b.noun.text)
             continue
-        for mod in b.modifiers:
+        mods = list(b.modifiers)
+        if choice == "nearest-colour" and mods:
+            colours = [w for w in mods if is_colour_word(w.text)] or mods
+            mods = [min(colours, key=lambda w: abs(b.noun.start - w.end))]
+        for mod in mods:
             keys = [_word_key(a) for a in attributes]
             if _word_key(mod) not in keys:
                 attributes.append(mod)
@@ -522,8 +357,8 @@ class GuidedSampler:
         prompt: str,
         method: str | Method = "syngen",
         *,
-        steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         intervention_steps: int | None = None,
@@ -536,49 +371,42 @@ class GuidedSampler:
         seeds: Sequence[int] = (0,),
         record_maps: bool = True,
     ) -> Plan:
-        """Check the inputs, resolve the method, analyse and encode the prompt."""
+        """Check the inputs, resolve the method, analyse and encode the prompt.
+
+        A setting left at None takes the model's default for the method, else the method's
+        (``binding.settings.defaults_for``).
+        """
         from binding.models import default_size
+        from binding.settings import Settings, defaults_for
 
         # 1. Check inputs
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty: describe the image to generate.")
-        m = resolve_method(method, terms, step_size, None)
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
+        m = resolve_method(method, terms)
+        base = defaults_for(self.model, m.name)
+        size = default_size(self.pipe)
+        if not seeds:
+            raise ValueError("give at least one seed")
+        for seed in seeds:
+            Settings(seed=seed).check()
+        asked = Settings(
+            method=m.name if m.name != "custom" else "custom", terms=tuple(m.terms),
+            steps=steps if steps is not None else base["steps"],
+            intervention_steps=intervention_steps, step_size=step_size if step_size is not None else base["step_size"],
+            guidance_scale=guidance_scale if guidance_scale is not None else base["guidance_scale"],
+            height=height or size, width=width or size,
+        ).check()
+        steps, guidance_scale, height, width = asked.steps, asked.guidance_scale, asked.height, asked.width
         if intervention_steps is None:
-            intervention_steps = min(m.intervention_steps, int(steps))
-        if not isinstance(intervention_steps, (int, np.integer)) or not 0 <= intervention_steps <= steps:
-            raise ValueError(
-                f"intervention steps must be from 0 to the number of steps ({steps}), not {intervention_steps!r}"
-            )
-        m = dataclasses.replace(m, intervention_steps=int(intervention_steps))
-        lo, hi = GUIDANCE_SCALE_RANGE
-        if (
-            not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-            or not lo <= guidance_scale <= hi
-        ):
-            raise ValueError(
-                f"guidance scale must be from {lo:g} to {hi:g} (1 = no classifier-free guidance), "
-                f"not {guidance_scale!r}"
-            )
-        if not math.isfinite(m.step_size) or not 0 <= m.step_size <= MAX_STEP_SIZE:
-            raise ValueError(f"step size must be from 0 to {MAX_STEP_SIZE:g}, not {m.step_size!r}")
+            # The method's own count, on loop indices as the reference code does (max_iter_to_alter = 25 at any
+            # number of steps; PNDM's loop has one more index than the step count).
+            intervention_steps = int(base["intervention_steps"])
+        else:
+            intervention_steps = asked.intervention_steps
+        m = dataclasses.replace(m, step_size=asked.step_size, intervention_steps=intervention_steps)
         for i, thr in m.thresholds:
             if not 0.0 <= thr <= 1.0 and m.refinement == "ae-peak":
                 raise ValueError(f"A&E refinement threshold at step {i} must be from 0 to 1, not {thr!r}")
-        size = default_size(self.pipe)
-        height, width = int(height or size), int(width or size)
-        for what, v in (("height", height), ("width", width)):
-            if v % 8 or not SIZE_RANGE[0] <= v <= SIZE_RANGE[1]:
-                raise ValueError(
-                    f"{what} must be a multiple of 8 from {SIZE_RANGE[0]} to {SIZE_RANGE[1]} pixels, not {v}"
-                )
-        if not seeds:
-            raise ValueError("give at least one seed")
-        for s in seeds:
-            if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 0 <= s < 2**63:
-                raise ValueError(f"seeds must be whole numbers from 0 to 2**63-1, not {s!r}")
 
         # 2. Analyse the prompt: what each loss term works on, and what happens when there is nothing
         notes: list[str] = []
@@ -600,21 +428,16 @@ class GuidedSampler:
                 self._check_word(w, n_tokens, "binding word")
         for w in subjects:
             self._check_word(w, n_tokens, "subject")
-        attributes, pairs, unpaired = _divide_bind_pairs(bindings, subjects)
+        attributes, pairs, unpaired = _divide_bind_pairs(bindings, subjects, m.option("attributes", "all"))
+        have = {"bindings": bool(bindings), "subjects": bool(subjects), "pairs": bool(pairs)}
         active = []
         for term in TERMS:
             if term not in m.terms:
                 continue
-            if term in SYNGEN_TERMS and not bindings:
-                why = "there is no binding (no noun with a modifier)"
-            elif term in ("ae_excite", "db_attendance") and not subjects:
-                why = "there is no subject (no noun)"
-            elif term == "db_binding" and not pairs:
-                why = "no subject has a modifier"
-            else:
+            if have[TERMS[term].needs]:
                 active.append(term)
-                continue
-            notes.append(f"The {term} term is off: {why}.")
+            else:
+                notes.append(f"The {term} term is off: {NEEDS_NOTE[TERMS[term].needs]}.")
         if m.terms and not active:
             notes.append(f"Nothing to guide for {m.name}: the guided image is the vanilla one.")
         elif not m.terms:
@@ -792,45 +615,10 @@ class GuidedSampler:
     def losses(
         self, plan: Plan, rec: Recording, i: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(total, per-term losses, diagnostics) on the maps of one pass, at loop index ``i``.
-
-        Diagnostics: ``ae_min_peak`` (A&E's weakest smoothed peak) and ``db_min_tv`` (the smallest object TV),
-        which drive the refinement. Divide & Bind's two terms meet inside a max over objects, so they are one
-        value, ``divide_bind``.
-        """
-        maps = rec.maps()
-        parts: dict[str, torch.Tensor] = {}
-        diag: dict[str, torch.Tensor] = {}
-        terms = plan.terms
-        if "syngen_positive" in terms:
-            parts["syngen_positive"] = syngen_loss(
-                maps, plan.binding_positions(), plan.n_tokens, positive=True, negative=False
-            )
-        if "syngen_negative" in terms:
-            parts["syngen_negative"] = syngen_loss(
-                maps, plan.binding_positions(), plan.n_tokens, positive=False, negative=True
-            )
-        if "ae_excite" in terms:
-            parts["ae_excite"], peaks = attend_excite_loss(maps, plan.subject_positions())
-            diag["ae_min_peak"] = peaks.min()
-        if DB_TERMS & set(terms):
-            objects = db_object_maps(maps, plan.subject_positions())
-            attrs = None
-            if plan.wants_attributes:
-                fine = rec.attribute_maps()
-                attrs = db_attribute_maps([fine if fine is not None else maps], plan.attribute_positions(), plan.grid)
-            parts["divide_bind"], tvs = divide_bind_loss(
-                objects,
-                attrs,
-                plan.pairs if plan.wants_attributes else [],
-                i,
-                attendance="db_attendance" in terms,
-                binding="db_binding" in terms,
-            )
-            diag["db_min_tv"] = tvs.min()
-        values = list(parts.values())
-        total = values[0] if len(values) == 1 else torch.stack(values).sum()
-        return total, parts, diag
+        """(total, per-term losses, diagnostics) on the maps of one pass, at loop index ``i``
+        (``binding.methods.compute_terms``). Divide & Bind's two terms meet inside a max over objects, so they
+        are one value, ``divide_bind``; the diagnostics drive the refinements."""
+        return compute_terms(plan, rec, i)
 
     def grad_pass(self, plan: Plan, capture: AttentionCapture, z: torch.Tensor, t, i: int, trace: _Trace | None = None):
         """The conditional forward with gradients (cut after the last layer read) and the losses on its maps."""
@@ -854,13 +642,6 @@ class GuidedSampler:
             trace.backward_passes += 1
         return (z - alpha * grad).detach().requires_grad_(True)
 
-    def _unmet(self, plan: Plan, parts, diag, threshold: float) -> bool:
-        if plan.method.refinement == "ae-peak" and "ae_excite" in parts:
-            return bool(parts["ae_excite"] > 1.0 - threshold)
-        if plan.method.refinement == "db-tv" and "db_min_tv" in diag:
-            return bool(diag["db_min_tv"] < threshold)
-        return False
-
     def guidance_step(self, plan, capture, latents, i, t, trace: _Trace | None = None, cancel=None) -> torch.Tensor:
         """Loop index ``i``'s update: refinement where listed, then the ordinary gradient step (fp32)."""
         alpha = plan.step_sizes[i]
@@ -870,7 +651,7 @@ class GuidedSampler:
         total, parts, diag = self.grad_pass(plan, capture, z, t, i, trace)
         if trace is not None:
             trace.put(trace.before_update, i, len(plan.timesteps), _floats({**parts, **diag}))
-        if threshold is not None and self._unmet(plan, parts, diag, threshold):
+        if threshold is not None and plan.method.unmet(parts, diag, threshold):
             # The reference's loop: each iteration steps from the latest latents, then tests the loss it had
             # *before* that step, so it ends one step after the threshold is met; the forward at the final
             # latents serves both the next test and the ordinary step that follows.
@@ -880,7 +661,7 @@ class GuidedSampler:
                 if _cancel_requested(cancel):
                     raise Cancelled(f"cancelled during the refinement at step {i + 1}")
                 it += 1
-                unmet = self._unmet(plan, parts, diag, threshold)
+                unmet = plan.method.unmet(parts, diag, threshold)
                 updated = bool(total != 0)
                 if updated:
                     z = self._descend(z, total, alpha, trace)
@@ -974,9 +755,3 @@ class GuidedSampler:
             guided_latents=vanilla_latents if g is v else arr(g.latents) if g else None,
         )
 
-
-def generate(
-    pipe, prompt: str, seeds: int | Sequence[int] = (0,), method: str | Method = "syngen", **kwargs
-) -> list[RunResult]:
-    """``GuidedSampler(pipe)(prompt, seeds, method, **kwargs)``: the one-call entry for scripts."""
-    return GuidedSampler(pipe)(prompt, seeds, method, **kwargs)

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from binding.analysis import Analysis, Binding, analyze, bindings_from_pairs, pairs_from_bindings
-from binding.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+from binding.methods import DIAGNOSTICS, METHODS, TERMS, method_names
 from binding.render import binding_colours, parse_svg
 
 PAIR_HEADERS = ["use", "modifiers", "noun"]
@@ -122,50 +122,28 @@ def binding_legend(bindings) -> str:
 
 # ------------------------------------------------------------------------------------- app settings
 
-# Prompts in the shapes world's grammar, for the teaching model: two-object prompts it never saw in training
-# (``world.HELDOUT_PROMPTS``), where its colours leak.
-SHAPES_EXAMPLES = [
-    "a blue square and a yellow triangle",
-    "a green circle and an orange square",
-    "a purple circle and a blue square",
-    "a pink square and a red star",
-    "a red circle and a yellow square and a blue star",
-]
-EXAMPLES = [
-    "a red apple and a green banana",
-    "a yellow flamingo and a pink sunflower",
-    "a checkered bowl on a red and blue table",
-    "a horned lion and a spotted monkey",
-    "a blue car and a red house",
-    "a dog that is brown and a cat that is white",
-]
 CUSTOM = "Custom"
-METHOD_KEYS = {"SynGen": "syngen", "Divide & Bind": "divide-bind", "Attend-and-Excite": "attend-excite", CUSTOM: "custom"}
+# The methods a visitor picks from: every guided preset by its label, then custom.
+METHOD_KEYS = {**{METHODS[n].label: n for n in method_names(guided_only=True)}, CUSTOM: "custom"}
 METHOD_LABELS = list(METHOD_KEYS)
-DEFAULT_METHOD = "SynGen"
-TERM_CHOICES = [
-    ("SynGen positive (modifier ↔ its noun)", "syngen_positive"),
-    ("SynGen negative (away from other words)", "syngen_negative"),
-    ("D&B attendance (total variation)", "db_attendance"),
-    ("D&B binding (JSD attribute ↔ object)", "db_binding"),
-    ("A&E excite (weakest subject's peak)", "ae_excite"),
-]
-MAX_UI_STEPS = 100
+DEFAULT_METHOD = METHODS["syngen"].label
+TERM_CHOICES = [(t.label, t.name) for t in TERMS.values()]
 DEFAULT_OPACITY = 0.55
 OVERLAP_HEADERS = ["pair", "other noun", "vanilla: own", "vanilla: other", "guided: own", "guided: other"]
 OVERLAP_LABEL = ("Where each modifier's attention lies: overlap with its own noun's map vs the closest other noun's "
                  "(0 = apart, 1 = same place; at the step shown). Binding works when own goes up and other down.")
 
 
-def method_settings(label: str) -> dict | None:
-    """The terms, step size and intervention steps of a preset (None for custom)."""
-    from binding.guidance import METHODS, TERMS
+def method_settings(label: str, model: str | None = None) -> dict | None:
+    """The terms, step size and intervention steps of a preset on ``model`` (None for custom)."""
+    from binding.settings import defaults_for
 
     key = METHOD_KEYS.get(label)
     if key is None or key == "custom":
         return None
-    m = METHODS[key]
-    return {"terms": [t for t in TERMS if t in m.terms], "step_size": m.step_size, "intervention_steps": m.intervention_steps}
+    d = defaults_for(model, key)
+    return {"terms": [t for t in TERMS if t in METHODS[key].terms], "step_size": d["step_size"],
+            "intervention_steps": d["intervention_steps"], "steps": d["steps"]}
 
 
 def terms_match(label: str, terms) -> bool:
@@ -174,16 +152,16 @@ def terms_match(label: str, terms) -> bool:
 
 
 def examples_for(model: str) -> list[str]:
-    """The example prompts that suit a model: the shapes world's for the teaching model, everyday ones else."""
+    """The example prompts that suit a model (its preset's)."""
     from binding.models import preset
 
     p = preset(model)
-    return SHAPES_EXAMPLES if p is not None and p.builder == "shapes" else EXAMPLES
+    return list(p.examples) if p is not None and p.examples else []
 
 
 def model_banner(model: str) -> str:
     from binding.models import describe, preset
-    from binding.world import COLOURS, SHAPES
+    from binding.shapes.world import COLOURS, SHAPES
 
     p = preset(model)
     if p is not None and p.builder == "shapes":
@@ -225,11 +203,10 @@ class GenerationRequest:
     @classmethod
     def from_ui(cls, prompt, rows, model, method_label, terms, steps, intervention_steps, step_size, guidance_scale,
                 seed, randomize_seed=False) -> "GenerationRequest":
-        import math
         import random
 
-        from binding.guidance import TERMS
         from binding.models import PRESETS
+        from binding.settings import Settings
 
         warnings: list[str] = []
         prompt = (prompt or "").strip()
@@ -241,29 +218,14 @@ class GenerationRequest:
         if key not in METHOD_KEYS.values():
             raise ValueError(f"Unknown method {method_label!r}: choose one of {', '.join(METHOD_LABELS)}.")
         terms = [t for t in (terms or []) if t]
-        bad = [t for t in terms if t not in TERMS]
-        if bad:
-            raise ValueError(f"Unknown loss term(s) {', '.join(map(str, bad))}: the terms are {', '.join(TERMS)}.")
-        numbers = {"steps": steps, "intervention steps": intervention_steps, "step size": step_size,
-                   "guidance scale": guidance_scale, "seed": seed}
-        for name, value in numbers.items():
-            if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"The {name} must be a number, not {value!r}.")
-        steps, intervention_steps = int(steps), int(intervention_steps)
-        if not 1 <= steps <= MAX_UI_STEPS:
-            raise ValueError(f"Inference steps must be between 1 and {MAX_UI_STEPS} here, not {steps}.")
-        if intervention_steps < 0:
-            raise ValueError("Intervention steps cannot be negative.")
-        if intervention_steps > steps:
-            warnings.append(f"Intervention steps ({intervention_steps}) exceed the inference steps: using {steps}.")
+        if randomize_seed:
+            seed = random.randrange(2**31)
+        if isinstance(intervention_steps, (int, float)) and isinstance(steps, (int, float)) and intervention_steps > steps:
+            warnings.append(f"Intervention steps ({intervention_steps:g}) exceed the inference steps: using {steps:g}.")
             intervention_steps = steps
-        if not 0 <= step_size <= 1000:
-            raise ValueError(f"The step size must be between 0 and 1000, not {step_size}.")
-        if not 1 <= guidance_scale <= 30:
-            raise ValueError(f"The guidance scale must be between 1 and 30, not {guidance_scale}.")
-        seed = random.randrange(2**31) if randomize_seed else int(seed)
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"The seed must be a whole number from 0 up, not {seed}.")
+        checked = Settings(method=key, terms=tuple(terms), steps=steps, intervention_steps=intervention_steps,
+                           step_size=step_size, guidance_scale=guidance_scale, seed=seed).check()
+        steps, intervention_steps, seed = checked.steps, checked.intervention_steps, checked.seed
 
         analysis = analyze(prompt)
         bindings, problems = edited_bindings(analysis, rows)
@@ -276,8 +238,8 @@ class GenerationRequest:
             warnings.append("No loss term is ticked: the guided run is the vanilla run.")
         elif ("ae_excite" in terms or "db_attendance" in terms) and not analysis.nouns and not bindings:
             warnings.append("The prompt has no noun for Attend-and-Excite / Divide & Bind to excite.")
-        return cls(prompt, analysis, bindings, model, key, terms, steps, intervention_steps, float(step_size),
-                   float(guidance_scale), seed, warnings)
+        return cls(prompt, analysis, bindings, model, key, list(checked.terms), steps, intervention_steps,
+                   checked.step_size, checked.guidance_scale, seed, warnings)
 
 
 _PIPES: dict = {}
@@ -363,7 +325,7 @@ def plot_losses(losses: dict) -> dict:
     out = {}
     for run in ("guided", "vanilla"):
         for term, values in (losses.get(run) or {}).items():
-            if term in ("ae_min_peak", "db_min_tv"):
+            if term in DIAGNOSTICS:
                 continue
             out[f"{run}: {term}"] = values
     return out
@@ -397,8 +359,8 @@ def run_summary(result, step: int, n_steps: int) -> str:
 def shapes_verdict(image, prompt: str) -> str | None:
     """What the shapes scorer reads in a picture and whether every object has its own colour, in words; None
     for a prompt outside the shapes world's grammar (the scorer cannot judge it)."""
-    from binding.scorer import score_image
-    from binding.world import parse_caption
+    from binding.shapes.scorer import score_image
+    from binding.shapes.world import parse_caption
 
     try:
         objects = parse_caption(prompt)

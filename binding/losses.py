@@ -1,7 +1,7 @@
 """Guidance losses on cross-attention maps: SynGen, Attend-and-Excite, Divide & Bind.
 
 Pure functions of tensors (torch only: no model, no state), differentiable w.r.t. the maps. Written from
-``/work/shared/reference/METHODS.md`` (sections 1-4), not from the authors' code.
+the project's methods notes (``binding/METHODS.md``), not from the authors' code.
 
 Conventions
 -----------
@@ -338,27 +338,38 @@ def db_attribute_maps(
     return db_object_maps(avg, positions, eot_index)
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """True total variation: mean |horizontal neighbour diff| + mean |vertical neighbour diff|.
+TV_MODES = ("true", "original")
+
+
+def total_variation(x: torch.Tensor, mode: str = "true") -> torch.Tensor:
+    """Total variation: mean |horizontal neighbour diff| + mean |vertical neighbour diff|.
 
     (H, W) -> scalar; (H, W, C) -> (C,), one per channel. D&B maximises it so an object map splits into separate
-    peaks (several instances). Unlike the original D&B code, whose vertical term broadcasts the last row against
-    every row (a bug), this compares each row with the next.
+    peaks (several instances). ``mode="true"`` compares each row with the next. ``mode="original"`` reproduces
+    the authors' code, whose vertical term broadcasts the last row against rows 1..H-1 (``|x[-1] - x[h]|``,
+    row 0 never compared; see ``binding/METHODS.md``).
     """
     if x.ndim not in (2, 3):
         raise ValueError(f"total_variation expects (H, W) or (H, W, C), got shape {tuple(x.shape)}")
+    if mode not in TV_MODES:
+        raise ValueError(f"unknown total-variation mode {mode!r} ({', '.join(TV_MODES)})")
     y = _compute(x)
     dh = (y[:, 1:] - y[:, :-1]).abs()
-    dv = (y[1:, :] - y[:-1, :]).abs()
+    dv = (y[1:, :] - y[:-1, :]).abs() if mode == "true" else _original_vertical(y)
     th = dh.mean(dim=(0, 1)) if dh.numel() else dh.new_zeros(dh.shape[2:])
     tv = dv.mean(dim=(0, 1)) if dv.numel() else dv.new_zeros(dv.shape[2:])
     return th + tv
 
 
-def db_attendance_loss(object_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _original_vertical(y: torch.Tensor) -> torch.Tensor:
+    """The authors' vertical term: an L1 loss of ``x[-1:]`` against ``x[1:]``, whose shapes broadcast."""
+    return (y[-1:, :] - y[1:, :]).abs()
+
+
+def db_attendance_loss(object_maps: torch.Tensor, tv: str = "true") -> tuple[torch.Tensor, torch.Tensor]:
     """D&B attendance: -TV of each smoothed object map (lower loss = a more divided, more present object)."""
     _check_maps(object_maps, "object_maps")
-    tvs = total_variation(object_maps)
+    tvs = total_variation(object_maps, tv)
     return -tvs, tvs
 
 
@@ -419,6 +430,7 @@ def divide_bind_loss(
     step_index: int,
     attendance: bool = True,
     binding: bool = True,
+    tv: str = "true",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """D&B: max over objects of (-TV_k + w_i * JSD_k); only the worst object is optimised, as in the paper.
 
@@ -426,12 +438,12 @@ def divide_bind_loss(
     (may be None when there are no pairs); ``pairs``: ``(k, j)`` = object channel k is bound to attribute
     channel j. Objects without a pair use -TV_k; an object with several attributes takes its largest JSD (an
     extension: the original binds one colour per object). With ``attendance=False`` the -TV term is dropped,
-    with ``binding=False`` the JSD term. Returns ``(loss, tvs)``; ``tvs`` (K,) drive D&B's refinement
+    with ``binding=False`` the JSD term; ``tv`` is ``total_variation``'s mode. Returns ``(loss, tvs)``; ``tvs`` (K,) drive D&B's refinement
     (``min(tvs)`` against its thresholds) whatever the switches.
     """
     _check_maps(object_maps, "object_maps")
     n_obj = object_maps.shape[-1]
-    _, tvs = db_attendance_loss(object_maps)
+    _, tvs = db_attendance_loss(object_maps, tv)
     if n_obj == 0:
         return _zero(object_maps), tvs
     pairs = [(int(k), int(j)) for k, j in pairs]

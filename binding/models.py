@@ -6,7 +6,7 @@ half precision on CUDA (the guidance keeps its loss and latent update in fp32), 
 checker, no progress bar. A model that cannot be had offline fails with ``ModelLoadError`` saying how to
 get it, instead of a stack of hub errors.
 
-The ``shapes`` model is the teaching model trained on the shapes world (``binding.teach``), shipped in
+The ``shapes`` model is the teaching model trained on the shapes world (``binding.shapes``), shipped in
 ``assets/shapes``: the offline default, it draws coloured shapes on a CPU in seconds and leaks colours like SD.
 
 The ``tiny`` model is Stable Diffusion's architecture in miniature with random weights (the shape of the
@@ -18,10 +18,13 @@ every run and machine. Its images are noise; it exists to exercise and test the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
+
+from binding.pipelines import SD_SCHEDULER, assemble_pipeline, default_dtype, pick_device
 
 __all__ = [
     "ModelLoadError",
@@ -52,12 +55,36 @@ class Preset:
     description: str
     resolution: int  # default image side in pixels
     builder: str | None = None  # offline models: "shapes" (assets/shapes) or "tiny" (built from a seed)
+    # The model's own defaults where the papers' do not fit it: {"*": every method, METHOD: that method}, each
+    # a dict of settings (steps, intervention_steps, step_size, guidance_scale); see ``binding.settings``.
+    defaults: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    examples: tuple[str, ...] = ()  # prompts that suit it (the app's examples)
+
+    def defaults_for(self, method: str) -> dict:
+        return {**self.defaults.get("*", {}), **self.defaults.get(method, {})}
 
     @property
     def offline(self) -> bool:
         """Available without any download."""
         return self.repo is None
 
+
+EVERYDAY_EXAMPLES = (
+    "a red apple and a green banana",
+    "a yellow flamingo and a pink sunflower",
+    "a checkered bowl on a red and blue table",
+    "a horned lion and a spotted monkey",
+    "a blue car and a red house",
+    "a dog that is brown and a cat that is white",
+)
+# Held-out prompts of the shapes world (never seen in training), where its colours leak.
+SHAPES_EXAMPLES = (
+    "a blue square and a yellow triangle",
+    "a green circle and an orange square",
+    "a purple circle and a blue square",
+    "a pink square and a red star",
+)
+SHAPES_DEFAULTS = {"*": {"steps": 20, "intervention_steps": 10}}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -68,6 +95,10 @@ PRESETS: dict[str, Preset] = {
             "Teaching model trained on coloured shapes (offline, seconds on a CPU; leaks colours like SD)",
             64,
             builder="shapes",
+            # Measured on it at 20 steps (``assets/shapes/README.md``): the papers' step size 20 is far too strong
+            # for a model whose maps respond this much; the sweep on the calibration prompts chose these.
+            defaults=SHAPES_DEFAULTS,
+            examples=SHAPES_EXAMPLES,
         ),
         Preset(
             "tiny",
@@ -75,20 +106,24 @@ PRESETS: dict[str, Preset] = {
             "Tiny random-weight Stable Diffusion built offline (tests, mechanics; images are noise)",
             64,
             builder="tiny",
+            examples=EVERYDAY_EXAMPLES,
         ),
         Preset(
             "sd-1.4",
             "CompVis/stable-diffusion-v1-4",
             "Stable Diffusion 1.4, the base of SynGen and Attend-and-Excite",
             512,
+            examples=EVERYDAY_EXAMPLES,
         ),
         Preset(
             "sd-1.5",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "Stable Diffusion 1.5, the base of Divide & Bind",
             512,
+            examples=EVERYDAY_EXAMPLES,
         ),
-        Preset("sd-2.1-base", "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512 px)", 512),
+        Preset("sd-2.1-base", "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512 px)", 512,
+               examples=EVERYDAY_EXAMPLES),
     )
 }
 
@@ -101,18 +136,6 @@ TINY_SEED = 0
 # almost uniformly to all 77 keys (peak ~1/77) and the losses have nothing to act on; this gain gives peaked
 # maps (peak probability ~0.3, like a trained SD's) so the guidance's effect is measurable in tests.
 TINY_ATTENTION_GAIN = 5.0
-# Stable Diffusion's PNDM configuration (the checkpoints' scheduler_config.json).
-SD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    num_train_timesteps=1000,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-)
-
-
 def default_model() -> str:
     """The model to use when none is named: SD 1.4 where a GPU makes it practical, else the offline one."""
     return GPU_DEFAULT if torch.cuda.is_available() else OFFLINE_DEFAULT
@@ -154,18 +177,6 @@ def default_size(pipe_or_name) -> int:
     size = pipe_or_name.unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     return int(size * pipe_or_name.vae_scale_factor)
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    # fp16 halves memory and time on CUDA; CPUs have no fast fp16 path, and the losses need fp32 anyway.
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ tiny
@@ -211,10 +222,8 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     CLIP with CLIP's vocabulary ids (bos 49406, eos/pad 49407), used with the shipped tokenizer. Scheduler:
     SD's PNDM.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from binding.tokenizer import load_tokenizer
 
     with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: keep the caller's intact
         torch.manual_seed(seed)
@@ -261,17 +270,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
             if getattr(module, "is_cross_attention", False):
                 module.to_q.weight.mul_(TINY_ATTENTION_GAIN)
                 module.to_k.weight.mul_(TINY_ATTENTION_GAIN)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=load_tokenizer.__wrapped__(),  # its own instance: calls with padding change a fast tokenizer's state
-        unet=unet,
-        scheduler=PNDMScheduler(**SD_SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return pipe
+    return assemble_pipeline(vae, unet, text_encoder)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -327,12 +326,12 @@ def load_pipeline(
     """
     name_or_path = name_or_path or default_model()
     device = pick_device(device)
-    dtype = dtype or _default_dtype(device)
+    dtype = dtype or default_dtype(device)
     p = preset(name_or_path)
     if p is not None and p.builder == "tiny":
         pipe = build_tiny_pipeline()
     elif p is not None and p.builder == "shapes":
-        from binding.teach import build_shapes_pipeline
+        from binding.shapes.model import build_shapes_pipeline
 
         try:
             pipe = build_shapes_pipeline(device="cpu", dtype=torch.float32)

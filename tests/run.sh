@@ -16,4 +16,5 @@ if [ -z "${BINDING_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
 fi
 
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "$#" -eq 0 ]; then set -- -m "slow or not slow"; fi  # both tiers unless told otherwise
 exec .venv/bin/python -m pytest "$@"

@@ -112,11 +112,6 @@ def test_no_noun_is_reported():
 
 # ------------------------------------------------------------------------------- real parses
 
-@pytest.fixture(scope="module")
-def nlp():
-    return A.load_parser()
-
-
 def bound(prompt: str, nlp) -> list[tuple[str, list[str]]]:
     return [(b.noun.text, [m.text for m in b.modifiers]) for b in analyze(prompt, nlp).bindings]
 

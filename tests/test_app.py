@@ -12,6 +12,8 @@ from apphelpers import running_app
 from binding.records import load_run
 
 
+pytestmark = pytest.mark.slow  # a real server (and a browser)
+
 @pytest.fixture(scope="module")
 def client():
     with running_app("tiny") as (url, served_s):

@@ -10,11 +10,6 @@ from binding.models import load_pipeline
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_pipeline("tiny")
-
-
-@pytest.fixture(scope="module")
 def sd_shaped_unet():
     """Stable Diffusion 1.x's block layout (4 levels, cross-attention in the first three) with tiny widths."""
     torch.manual_seed(0)

@@ -20,6 +20,8 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--disable-quic", "--no-first-run"]
 
 
+pytestmark = pytest.mark.slow  # a real server (and a browser)
+
 @pytest.fixture(scope="module")
 def browser():
     """One Chromium for the module: Playwright's sync API allows one running instance per thread."""

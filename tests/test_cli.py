@@ -19,11 +19,13 @@ def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess per call
 def test_help_lists_commands():
     out = run_cli("--help")
     assert out.returncode == 0 and "parse" in out.stdout
 
 
+@pytest.mark.slow  # a subprocess per call
 def test_parse_json_schema():
     out = run_cli("parse", "--json", "a dog and a small dog")
     assert out.returncode == 0, out.stderr
@@ -36,6 +38,7 @@ def test_parse_json_schema():
     assert result["parser"].startswith("en_core_web")
 
 
+@pytest.mark.slow  # a subprocess per call
 def test_parse_readable():
     out = run_cli("parse", "a red and blue bird")
     assert out.returncode == 0
@@ -58,6 +61,7 @@ def test_parse_stdin_loads_parser_once(monkeypatch, capsys):
     assert len(calls) == 1
 
 
+@pytest.mark.slow  # a subprocess per call
 def test_parse_errors_are_messages_not_tracebacks():
     out = run_cli("parse", "a red car", "--parser", "no_such_pipeline")
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -68,6 +72,7 @@ def test_parse_errors_are_messages_not_tracebacks():
     assert first["bindings"] and "characters long" in second["error"]
 
 
+@pytest.mark.slow  # a subprocess per call
 def test_generate_writes_a_run_and_prints_json(tmp_path):
     out = run_cli("generate", "a red apple and a green banana", "--model", "tiny", "--method", "attend-excite",
                   "--seed", "0", "--steps", "4", "--intervention-steps", "2", "--out", str(tmp_path / "run"), "--json")
@@ -81,6 +86,7 @@ def test_generate_writes_a_run_and_prints_json(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr  # an existing run is never silently replaced
 
 
+@pytest.mark.slow  # a subprocess per call
 def test_generate_seed_ranges_and_pairs(tmp_path):
     out = run_cli("generate", "a dog and a small dog", "--model", "tiny", "--seed", "0-1", "--steps", "2",
                   "--pair", "small:dog#1", "--out", str(tmp_path))
@@ -95,17 +101,19 @@ def test_generate_seed_ranges_and_pairs(tmp_path):
     [
         (["", "--model", "tiny"], "prompt is empty"),
         (["a red cat", "--model", "no-such-model"], "Unknown model 'no-such-model'"),
-        (["a red cat", "--model", "tiny", "--steps", "0"], "steps must be"),
+        (["a red cat", "--model", "tiny", "--steps", "0"], "Inference steps must be"),
         (["a red cat", "--model", "tiny", "--pair", "blue:cat"], "'blue' is not a word of the prompt"),
         (["a red cat", "--model", "tiny", "--seed", "x"], "seeds must look like"),
         (["a red cat", "--model", "tiny", "--method", "custom"], "needs its loss terms"),
     ],
 )
+@pytest.mark.slow  # a subprocess per call
 def test_generate_bad_input(tmp_path, args, message):
     out = run_cli("generate", *args, "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # a subprocess per call
 def test_bench_prints_every_figure():
     out = run_cli("bench", "--model", "tiny", "--steps", "2", "--repeats", "1", "--json")
     assert out.returncode == 0, out.stderr

@@ -14,24 +14,21 @@ import pytest
 import torch
 from PIL import Image
 
-from binding import world
+from binding.shapes import world
 from binding.analysis import Binding, Word
-from binding.evaluation import (
+from binding.evaluation.metrics import (
     ClipUnavailable,
-    Item,
     attention_metrics,
-    bootstrap_ci,
     clip_scores,
     clip_similarities,
-    collect_rows,
     load_clip,
     noun_peaks,
-    plan_items,
     prompt_parts,
-    run_eval,
     shapes_scores,
-    summarize,
 )
+from binding.evaluation.report import summarize, write_report
+from binding.evaluation.runner import Item, collect_rows, plan_items, run_eval
+from binding.evaluation.stats import bootstrap_ci
 from binding.records import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +150,7 @@ def test_shapes_scores_read_the_world_exactly():
 
 
 def test_bootstrap_is_seeded_covers_the_mean_and_matches_teach():
-    from binding.teach import bootstrap_paired
+    from binding.evaluation.stats import bootstrap_paired
 
     rng = np.random.default_rng(1)
     g, v = rng.normal(0.3, 1, 60), rng.normal(0, 1, 60)
@@ -204,8 +201,9 @@ def single_run(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         logs = []
-        summary = run_eval(str(d / "prompts.txt"), d / "out", methods=["syngen"], seeds=[0, 1], model="tiny",
-                           steps=2, clip="none", progress=False, log=logs.append)
+        done = run_eval(str(d / "prompts.txt"), d / "out", methods=["syngen"], seeds=[0, 1], model="tiny",
+                        steps=2, clip="none", progress=False, log=logs.append)
+        summary = write_report(done, log=logs.append)
     finally:
         torch.set_num_threads(threads)
     return d, summary, logs
@@ -279,6 +277,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_equal_one_process(single_run):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): each process runs half of the items;
     the merged items equal the single-process run's, metrics and latents."""
@@ -288,7 +287,7 @@ def test_two_processes_with_accelerate_equal_one_process(single_run):
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "binding.evaluation", "eval",
+           "--main_process_port", str(_free_port()), "-m", "binding", "eval",
            "--set", str(d / "prompts.txt"), *GRID, "--threads", "1", "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

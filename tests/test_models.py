@@ -19,11 +19,6 @@ from binding.models import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_pipeline("tiny")
-
-
 def test_presets_table_holds_the_facts():
     assert set(PRESETS) == {"shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base"}
     assert PRESETS["sd-1.4"].repo == "CompVis/stable-diffusion-v1-4"
@@ -114,9 +109,9 @@ def test_shapes_preset_is_the_shipped_teaching_model():
 
 
 def test_shapes_preset_without_weights_says_how_to_train(monkeypatch, tmp_path):
-    from binding import teach
+    from binding.shapes import model as shapes_model
 
-    monkeypatch.setattr(teach, "SHAPES_DIR", tmp_path)
+    monkeypatch.setattr(shapes_model, "SHAPES_DIR", tmp_path)
     with pytest.raises(ModelLoadError, match="teach train"):
         load_pipeline("shapes")
 

@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from binding.prompts import (
+from binding.evaluation.prompts import (
     AE_ANIMALS,
     AE_OBJECTS,
     DVMP_ANIMALS,

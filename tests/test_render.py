@@ -10,11 +10,6 @@ from binding.analysis import analyze, load_parser
 from binding.render import parse_svg
 
 
-@pytest.fixture(scope="module")
-def nlp():
-    return load_parser()
-
-
 def elements(svg: str) -> list[str]:
     return [e.tag.rsplit("}", 1)[-1] for e in ET.fromstring(svg).iter()]
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from binding import world
-from binding.scorer import accuracy, classify, degrade, detect, score_image, shape_features
-from binding.world import COLOURS, SHAPES, layout_scene, object_mask, sample_scene
+from binding.shapes import world
+from binding.shapes.scorer import accuracy, classify, degrade, detect, score_image, shape_features
+from binding.shapes.world import COLOURS, SHAPES, layout_scene, object_mask, sample_scene
 
 
 def _accuracy(n: int, kind: str, seed: int):

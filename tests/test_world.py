@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from binding import world
+from binding.shapes import world
 from binding.analysis import analyze, analyze_doc, load_parser
 from binding.tokenizer import load_tokenizer
-from binding.world import (
+from binding.shapes.world import (
     BACKGROUND,
     COLOURS,
     GAP,

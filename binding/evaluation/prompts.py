@@ -81,7 +81,7 @@ DVMP_DEFAULT_N = 200
 
 SCENES = ("on the beach", "in the forest", "in a kitchen", "on a city street", "in the snow", "on the grass")
 
-BUILTIN_SETS = ("ae", "dvmp", "db", "shapes")
+BUILTIN_SETS = ("ae", "dvmp", "db", "shapes", "shapes-calibration")
 
 
 @dataclass(frozen=True)
@@ -204,9 +204,16 @@ def db_prompts() -> list[tuple[str, str]]:
 
 def shapes_prompts() -> list[tuple[str, str]]:
     """The teaching world's held-out prompts: 14 with a withheld colour-shape combination, 14 without."""
-    from binding import world
+    from binding.shapes import world
 
     return [(p, "unseen") for p in world.HELDOUT_UNSEEN] + [(p, "seen") for p in world.HELDOUT_SEEN]
+
+
+def shapes_calibration_prompts() -> list[tuple[str, str]]:
+    """Captions of the teaching world apart from the held-out ones, for tuning step sizes (never for scores)."""
+    from binding.shapes import world
+
+    return [(p, "calibration") for p in world.calibration_prompts()]
 
 
 def read_prompt_file(path: str | Path) -> list[tuple[str, str]]:
@@ -241,6 +248,8 @@ def _resolve(spec: str) -> tuple[str, list[tuple[str, str]]]:
         return "db", db_prompts()
     if key == "shapes":
         return "shapes", shapes_prompts()
+    if key == "shapes-calibration":
+        return "shapes-calibration", shapes_calibration_prompts()
     if key == "dvmp":
         parts = [p for p in rest.split(":") if p] if rest else []
         try:

@@ -11,20 +11,10 @@ import torch
 
 from binding.attention import cross_attention_layers, read_grid
 from binding.guidance import GuidedSampler
-from binding.teach import (
-    ShapesConfig,
-    Trainer,
-    add_teach_commands,
-    bootstrap_paired,
-    build_models,
-    build_shapes_pipeline,
-    format_summary,
-    newcombe_paired,
-    score,
-    summarize,
-    train,
-    wilson,
-)
+from binding.evaluation.report import shapes_rates
+from binding.evaluation.stats import bootstrap_paired, newcombe_paired, wilson
+from binding.shapes.model import ShapesConfig, build_models, build_shapes_pipeline
+from binding.shapes.train import Trainer, train
 from binding.tokenizer import load_tokenizer
 
 PROMPT = "a red circle and a blue square"
@@ -34,8 +24,11 @@ def _quiet(_msg):
     pass
 
 
+pytestmark = pytest.mark.slow  # trains models
+
+
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def single_thread():
     """The micro model is latency-bound: one thread is as fast, and immune to OpenMP stalls on a busy machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -144,32 +137,13 @@ def test_guided_sampler_runs_on_the_export(pipe, tmp_path):
         build_shapes_pipeline(tmp_path)
 
 
-def test_score_pairs_every_method_with_vanilla(pipe, tmp_path):
-    res = score(methods=["syngen"], seeds=[0, 1], prompts=[PROMPT], steps=2, out=tmp_path, pipe=pipe, log=_quiet)
-    rows = res["rows"]
-    assert sorted((r["method"], r["seed"]) for r in rows) == [
-        ("syngen", 0), ("syngen", 1), ("vanilla", 0), ("vanilla", 1)
-    ]
-    assert all(r["group"] == "custom" and isinstance(r["bound_all"], bool) for r in rows)
-    entry = res["summary"]["all"]["syngen"]
-    assert entry["n"] == entry["paired_n"] == 2 and "vs_vanilla" in entry["bound_all"]
-    assert "syngen" in format_summary(res["summary"])
-    assert json.loads((tmp_path / "summary.json").read_text())["all"]["vanilla"]["n"] == 2
-    again = score(methods=["syngen"], seeds=[0, 1], prompts=[PROMPT], steps=2, out=tmp_path, pipe=pipe, log=_quiet)
-    assert len(again["rows"]) == 4  # resumed: nothing generated twice
-    with pytest.raises(ValueError):
-        score(methods=["syngen"], seeds=[0], prompts=[PROMPT], steps=3, out=tmp_path, pipe=pipe, log=_quiet)
-    with pytest.raises(ValueError):
-        score(methods=["syngen"], seeds=[0], prompts=["a red dog"], steps=2, pipe=pipe, log=_quiet)
-
-
 def test_score_from_an_eval_grid_reads_the_same_images(runs, tmp_path):
     from PIL import Image
 
-    from binding.evaluation import collect_rows, run_eval
-    from binding.scorer import score_image
-    from binding.teach import picture_grid, rows_from_eval
-    from binding.world import parse_caption
+    from binding.evaluation.report import picture_grid, rows_from_eval
+    from binding.evaluation.runner import collect_rows, run_eval
+    from binding.shapes.scorer import score_image
+    from binding.shapes.world import parse_caption
 
     out = tmp_path / "eval"
     run_eval("shapes", out, methods=["syngen"], seeds=[0, 1], model=str(runs[0].out / "pipeline"), steps=2,
@@ -183,7 +157,7 @@ def test_score_from_an_eval_grid_reads_the_same_images(runs, tmp_path):
             s = score_image(im.convert("RGB"), parse_caption(rec["prompt"]))
         r = by_key[(rec["method"], rec["prompt"], rec["seed"])]
         assert (r["present_all"], r["bound_all"], r["leak_any"]) == (s["present_all"], s["bound_all"], s["leak_any"])
-    entry = summarize(rows, ["vanilla", "syngen"])["all"]["syngen"]
+    entry = shapes_rates(rows, ["vanilla", "syngen"])["all"]["syngen"]
     assert entry["n"] == entry["paired_n"] == 4
     grid = picture_grid(out, [0, 1], [0, 1], ["vanilla", "syngen"])
     one = picture_grid(out, [0], [0, 1], ["vanilla", "syngen"])
@@ -235,7 +209,7 @@ def test_prompt_bootstrap_and_summary():
         for m, xs in (("vanilla", vanilla), ("syngen", guided))
         for i, (p, x) in enumerate(zip(prompts, xs))
     ]
-    s = summarize(rows)
+    s = shapes_rates(rows)
     e = s["seen"]["syngen"]["bound_all"]
     assert e["rate"] == pytest.approx(guided.mean()) and e["vs_vanilla"]["diff"] == pytest.approx(
         guided.mean() - vanilla.mean()
@@ -245,12 +219,16 @@ def test_prompt_bootstrap_and_summary():
 
 
 def test_cli_commands_parse():
-    parser = argparse.ArgumentParser()
-    add_teach_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["teach", "train", "--out", "runs/shapes", "--max-minutes", "30", "--threads", "1"])
-    assert args.out == "runs/shapes" and args.max_minutes == 30 and args.func.__name__ == "_cmd_train"
-    args = parser.parse_args(["teach", "score", "--seeds", "0-2", "--methods", "vanilla,syngen"])
-    assert args.seeds == [0, 1, 2] and args.methods == "vanilla,syngen" and args.model is None
+    from binding.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["teach", "train", "--out", "runs/shapes", "--max-minutes", "30", "--threads", "1",
+                              "--ground-nouns", "0.25", "--no-blank-padding", "--init-from", "assets/shapes"])
+    assert args.out == "runs/shapes" and args.max_minutes == 30 and args.func.__name__ == "cmd_teach_train"
+    assert args.ground_nouns == 0.25 and args.blank_padding is False and args.init_from == "assets/shapes"
+    assert args.lr is None  # left out: the stored or default recipe decides
+    args = parser.parse_args(["teach", "score", "--seeds", "0-2", "--methods", "vanilla,SynGen,a&e"])
+    assert args.seeds == [0, 1, 2] and args.methods == ["vanilla", "syngen", "attend-excite"] and args.model == "shapes"
     args = parser.parse_args(["teach", "export", "--run", "runs/shapes", "--to", "assets/shapes"])
     assert args.to == "assets/shapes"
 

@@ -1,7 +1,7 @@
 """A procedural world of flat coloured shapes, with exact ground truth, for the teaching model.
 
 Why this world. Attribute leakage in Stable Diffusion is judged by eye; here every image a model draws can be
-scored exactly (``binding.scorer`` reads the objects back), because the world is small and fully known:
+scored exactly (``binding.shapes.scorer`` reads the objects back), because the world is small and fully known:
 
 - 1 to 3 objects on a plain white background, each a flat colour and one of four shapes, no two touching;
 - within a scene every object has its own colour and its own shape, so "the circle" and "the red object" each
@@ -53,6 +53,7 @@ __all__ = [
     "SHAPES",
     "Obj",
     "Scene",
+    "calibration_prompts",
     "caption",
     "draw_heldout_prompts",
     "in_training",
@@ -358,6 +359,25 @@ def draw_heldout_prompts(seed: int = 2024) -> tuple[tuple[str, ...], tuple[str, 
         pairs = [(a, b) for a in seen for b in seen if compatible(a, b)]
         both.append(caption(pick(pairs)))
     return tuple(unseen), tuple(both)
+
+
+CALIBRATION_SEED = 77
+
+
+def calibration_prompts(n: int = 28, seed: int = CALIBRATION_SEED) -> tuple[str, ...]:
+    """Two-object captions for setting a method's step size apart from the held-out test: every object a seen
+    combination and no pair of a held-out prompt (so each may occur in training), drawn from ``seed``."""
+    rng = random.Random(int(seed))
+    held = {frozenset(parse_caption(p)) for p in HELDOUT_PROMPTS}
+    out: list[str] = []
+    taken: set[frozenset] = set()
+    while len(out) < n:
+        pairs = _draw_pairs(rng, 2)
+        key = frozenset(pairs)
+        if in_training(pairs) and key not in held and key not in taken:
+            taken.add(key)
+            out.append(caption(pairs))
+    return tuple(out)
 
 
 def sample_scene(seed: int, n_objects: int | None = None, split: str = "train") -> Scene:

@@ -19,7 +19,7 @@ the hue while it lowers the saturation. Detection is therefore:
 
 The scorer is measured on ground-truth renders, clean and degraded (blur, noise, resampling through 32x32), in
 ``tests/test_scorer.py``: every object of 1000 clean renders, >= 99% under each mild degradation. Training
-also measures it on the trained VAE's round trips (``binding.teach``), the ceiling of any model's score.
+also measures it on the trained VAE's round trips (``binding.shapes``), the ceiling of any model's score.
 
 ``score_image`` matches the caption's objects to the detections: an object is *present* when a blob of its
 shape exists, *bound* when a blob of its shape exists in its colour (one blob serves one object). A present but
@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from binding.world import COLOURS, SHAPES, parse_caption
+from binding.shapes.world import COLOURS, SHAPES, parse_caption
 
 __all__ = [
     "DEGRADATIONS", "Detection", "accuracy", "classify", "colour_labels", "degrade", "detect", "score_image",
@@ -324,13 +324,29 @@ def degrade(arr: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def vae_reader(vae):
+    """A ``reader`` for ``accuracy``: a render's round trip through ``vae`` (encode the mean, decode), so the
+    scorer's accuracy on it is the ceiling of any score a model on that VAE can get."""
+    import torch
+
+    vae = vae.eval()
+
+    @torch.no_grad()
+    def roundtrip(arr: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None].to(vae.device, vae.dtype) / 127.5 - 1.0
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        return ((rec[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+    return roundtrip
+
+
 def accuracy(n: int, kind: str = "clean", seed: int = 0, reader=None) -> dict:
     """How well the scorer reads ``n`` ground-truth scenes of the whole world (1-4 objects, every colour-shape
     combination): objects read right, images read exactly right, and the errors. ``reader`` maps a render to
     the image the scorer sees (default: ``degrade(kind)``; ``teach check-scorer`` passes a VAE round trip)."""
     from collections import Counter
 
-    from binding.world import sample_scene
+    from binding.shapes.world import sample_scene
 
     rng = np.random.default_rng(seed)
     right = total = exact = 0

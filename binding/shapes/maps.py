@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from binding import world
+from binding.shapes import world
 
 __all__ = ["BANDS", "check_maps", "format_check", "map_separation", "padding_ablation", "separation_scenes"]
 
@@ -42,11 +42,6 @@ def _band(t: int) -> str:
     return next(name for name, lo, hi in BANDS if lo <= t <= hi)
 
 
-def _images(scenes, size: int) -> torch.Tensor:
-    arr = np.stack([s.array(size) for s in scenes]).astype(np.float32)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 @torch.no_grad()
 def map_separation(pipe, scenes: Sequence[world.Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0,
                    batch: int = 32) -> dict:
@@ -56,7 +51,8 @@ def map_separation(pipe, scenes: Sequence[world.Scene], timesteps: Sequence[int]
     with the layer ``"average"`` (every read layer's heads equally weighted) beside each named layer.
     """
     from binding.attention import AttentionCapture
-    from binding.teach import _tail_mask, object_targets
+    from binding.shapes.model import scene_tensor
+    from binding.shapes.grounding import WORD_COLUMNS, object_targets, own_object_share, tail_mask, word_maps
 
     scenes = [s for s in scenes if len(s.objects) == 2]
     if not scenes:
@@ -74,12 +70,12 @@ def map_separation(pipe, scenes: Sequence[world.Scene], timesteps: Sequence[int]
     with AttentionCapture(unet, size, size, pipe.vae_scale_factor) as capture:
         for start in range(0, len(scenes), batch):
             part = scenes[start : start + batch]
-            x = _images(part, size).to(device, vae.dtype)
+            x = scene_tensor(part, size).to(device, vae.dtype)
             z0 = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
             ids = tok([s.caption for s in part], padding="max_length", max_length=77, truncation=True,
                       return_tensors="pt").input_ids.to(device)
             cond = te(ids)[0]
-            tail = _tail_mask(ids, tok.eos_token_id)
+            tail = tail_mask(ids, tok.eos_token_id)
             pos, masks, valid = object_targets(part, ids.cpu(), capture.grid)
             pos, masks = pos.to(device), masks.to(device)
             for t in timesteps:
@@ -89,19 +85,13 @@ def map_separation(pipe, scenes: Sequence[world.Scene], timesteps: Sequence[int]
                 zt = a.sqrt().float() * z0 + (1 - a).sqrt().float() * noise
                 with capture.record(batch_index=None) as rec:
                     unet(zt, torch.full((len(part),), int(t), device=device), encoder_hidden_states=cond)
-                layers = rec.layer_maps()
-                heads = {l.name: l.heads for l in capture.read_layers}
-                layers["average"] = sum(m * heads[k] for k, m in layers.items()) / sum(heads.values())
+                layers = {**rec.layer_maps(), "average": rec.maps()}
                 band = _band(int(t))
                 for name, m in layers.items():
                     flat = m.flatten(1, 2)  # (B, HW, 77)
                     add(("tail", name, band), (flat * tail[:, None, :]).sum(-1).mean(-1))
-                    for column, kind in enumerate(("colour", "noun")):
-                        idx = pos[..., column]  # (B, 2)
-                        w = torch.gather(flat, 2, idx[:, None, :].expand(-1, flat.shape[1], -1)).transpose(1, 2)
-                        on = (w[:, :, None, :] * masks[:, None, :, :]).sum(-1)  # (B, word j, object k)
-                        own = torch.diagonal(on, dim1=1, dim2=2)
-                        share = own / on.sum(-1).clamp_min(1e-12)
+                    for kind, column in WORD_COLUMNS.items():
+                        share = own_object_share(word_maps(m, pos[..., column]), masks)
                         add(("share", kind, name, band), share)
     out: dict = {"share": {k: {} for k in KINDS}, "tail_mass": {}, "scenes": len(scenes),
                  "timesteps": list(timesteps)}
@@ -137,8 +127,8 @@ ABLATIONS = (
 def padding_ablation(pipe, seeds: Sequence[int] = (0, 1), steps: int = 20, guidance_scale: float = 7.5,
                      log: Callable[[str], None] | None = None) -> dict:
     """Bound and present rates of single-object prompts (all 28 colour-shape combinations) under each ablation."""
-    from binding.scorer import score_image
-    from binding.teach import _tail_mask
+    from binding.shapes.scorer import score_image
+    from binding.shapes.grounding import tail_mask
 
     tok, te = pipe.tokenizer, pipe.text_encoder
     device = pipe.unet.device
@@ -149,7 +139,7 @@ def padding_ablation(pipe, seeds: Sequence[int] = (0, 1), steps: int = 20, guida
     for prompt in prompts:
         ids = tok([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
         cond = te(ids)[0]
-        tail = _tail_mask(ids, tok.eos_token_id)
+        tail = tail_mask(ids, tok.eos_token_id)
         words = ~tail
         words[:, 0] = False  # SOT sees nothing but itself: the same in every prompt
         embeds = {"normal": cond, "words_blanked": _blanked(cond, empty, ~words),
