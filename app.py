@@ -26,12 +26,12 @@ import gradio as gr
 from binding import lab
 from binding.analysis import load_parser
 from binding.guidance import Cancelled, GuidanceError
-from binding.models import ModelLoadError, PRESETS, default_model
+from binding.models import PRESETS, ModelLoadError, default_model
 from binding.render import display_image
 from binding.settings import RANGES, defaults_for
 
 QUEUE_SIZE = 16
-N_GENERATE_OUTPUTS = 10  # images x2, summary, heatmaps, overlaps, loss plot, step slider, files, run state, seed  # visitors waiting for a generation; more are told to come back later
+N_GENERATE_OUTPUTS = 10  # images x2, summary, heatmaps, overlaps, loss plot, step slider, files, run state, seed
 CSS = """
 .parse-scroll svg { max-width: none !important; }
 .parser-name { font-size: 0.85em; color: #666; margin-bottom: 4px; }

@@ -60,7 +60,6 @@ class Word:
     start: int
     end: int
     token_indices: tuple[int, ...]
-    index: int = -1  # position in the parse (spaCy token index); -1 when not from a parse
 
     def to_dict(self) -> dict:
         return {"text": self.text, "start": self.start, "end": self.end, "token_indices": list(self.token_indices)}
@@ -155,7 +154,9 @@ def load_parser(name: str | None = None):
     name = name or os.environ.get(PARSER_ENV) or None
     candidates = [name] if name else [n for n in PREFERRED_PARSERS if _installed(n)]
     if not candidates:
-        raise ParserNotFound(f"No spaCy English pipeline is installed (looked for {', '.join(PREFERRED_PARSERS)}). {INSTALL_HINT}")
+        raise ParserNotFound(
+            f"No spaCy English pipeline is installed (looked for {', '.join(PREFERRED_PARSERS)}). {INSTALL_HINT}"
+        )
     try:
         nlp = spacy.load(candidates[0], exclude=["ner"])
     except OSError:
@@ -171,7 +172,8 @@ def load_parser(name: str | None = None):
 
 def parser_name(nlp) -> str:
     """How results name their parser: the package loaded and its version."""
-    return f"{nlp.meta.get('binding_package') or nlp.meta.get('lang', '') + '_' + nlp.meta.get('name', '')} {nlp.meta.get('version', '')}".strip()
+    package = nlp.meta.get("binding_package") or f"{nlp.meta.get('lang', '')}_{nlp.meta.get('name', '')}"
+    return f"{package} {nlp.meta.get('version', '')}".strip()
 
 
 # --------------------------------------------------------------------------------------- extraction
@@ -299,7 +301,7 @@ def analyze_doc(doc, tokenizer, parser: str = "") -> Analysis:
     truncated: list[Word] = []
     for t, ks in zip(spacy_tokens, aligned):
         visible = tuple(k + 1 for k in ks if k < kept)  # +1: position 0 is SOT
-        word = Word(t.text, t.idx, t.idx + len(t.text), visible, t.i)
+        word = Word(t.text, t.idx, t.idx + len(t.text), visible)
         words[t.i] = word
         if len(visible) < len(ks):
             truncated.append(word)

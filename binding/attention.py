@@ -5,7 +5,7 @@ costs time and memory, so ``AttentionCapture`` wraps the processor of the cross-
 and leaves every other layer on its own processor (``AttnProcessor2_0`` by default). A wrapped layer computes
 probabilities only during a pass that records, and only for the one batch element recorded.
 
-Which layers are read (METHODS.md section 0). Stable Diffusion's guidance reads the cross-attention layers of
+Which layers are read (``binding/METHODS.md``). Stable Diffusion's guidance reads the cross-attention layers of
 the coarsest grid that the down and up blocks attend at: 16x16 for SD 1.x at 512 px (down_blocks.2 and
 up_blocks.1; the 8x8 mid block lies below it and is left out), i.e. the latent side / 4, 24x24 for SD 2.1 at
 768 px. The same rule on another UNet picks the grid it plays that role in; every cross-attention layer at that
@@ -155,10 +155,6 @@ class Recording:
         (self.read if role == "read" else self.fine)[name] = probs
         if self.stop_early and len(self.read) + len(self.fine) == self.expected:
             raise StopForward
-
-    @property
-    def complete(self) -> bool:
-        return len(self.read) + len(self.fine) == self.expected
 
     def _check_read(self) -> None:
         if len(self.read) != len(self.capture.read_layers):

@@ -151,7 +151,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
     times = {k: [] for k in configs}
     mems = {k: 0.0 for k in configs}
     passes = {}
-    for name, fn in configs.items():  # warm-up
+    for fn in configs.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in configs.items():
@@ -191,7 +191,8 @@ def format_report(report: dict) -> str:
         f"{s['grid'][0]}x{s['grid'][1]}, {s['steps']} steps, median of {s['repeats']} interleaved rounds",
         f"prompt: {s['prompt']!r}",
         "",
-        f"{'configuration':28s} {'time s':>8s} {'x vanilla':>9s} {'grad passes':>11s} {'floor s':>8s} {'x floor':>8s} {'peak MB':>8s}",
+        f"{'configuration':28s} {'time s':>8s} {'x vanilla':>9s} {'grad passes':>11s} {'floor s':>8s} {'x floor':>8s} "
+        f"{'peak MB':>8s}",
     ]
 
     def f(v, fmt):

@@ -386,7 +386,8 @@ def _add_teach(sub) -> None:
     tr.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes in this call (checkpointed)")
     tr.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when available)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is best on a shared machine)")
-    tr.add_argument("--export", default=None, metavar="DIR", help="also export the EMA model to DIR at the end (e.g. assets/shapes)")
+    tr.add_argument("--export", default=None, metavar="DIR",
+                    help="also export the EMA model to DIR at the end (e.g. assets/shapes)")
     tr.set_defaults(func=cmd_teach_train)
 
     ex = tsub.add_parser("export", help="export a run's EMA model as a diffusers folder with its model card")

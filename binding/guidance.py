@@ -1,11 +1,11 @@
 """The guided sampler: vanilla and guided Stable Diffusion runs from the same seed.
 
-SynGen, Divide & Bind and Attend-and-Excite share one loop (METHODS.md section 0): at each intervened step a
+SynGen, Divide & Bind and Attend-and-Excite share one loop (``binding/METHODS.md``): at each intervened step a
 separate forward pass of the UNet on the conditional embedding alone (batch 1, gradients on) records the
 cross-attention maps, a loss on them is differentiated w.r.t. the latents, the latents take a gradient step,
 and the ordinary classifier-free-guidance step follows on the updated latents. The methods differ only in
-their loss terms, step-size schedule and refinement, so a method here is a row of settings (``METHODS``) and
-any subset of the five loss terms (``TERMS``) can be switched on.
+their loss terms, step-size schedule and refinement, so a method is a row of ``binding.methods.METHODS`` and
+any subset of the loss terms (``binding.methods.TERMS``) can be switched on.
 
 Faithfulness. The vanilla run is ``StableDiffusionPipeline.__call__`` step for step (same latents from a CPU
 ``torch.Generator`` seeded with the seed, same scheduler calls), and the ``attend-excite`` preset reproduces
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from binding.analysis import Analysis, Binding, Word
 from binding.attention import AttentionCapture, Recording
 from binding.methods import NEEDS_NOTE, TERMS, Method, compute_terms, resolve_method
 from binding.records import RunResult
-from binding.settings import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, RANGES
 
 __all__ = ["Cancelled", "GuidanceError", "GuidedSampler", "Plan", "Progress"]
 

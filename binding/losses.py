@@ -5,7 +5,7 @@ the project's methods notes (``binding/METHODS.md``), not from the authors' code
 
 Conventions
 -----------
-* ``maps`` is the averaged cross-attention probability tensor ``(H, W, 77)`` of METHODS.md section 0 (any H, W;
+* ``maps`` is the averaged cross-attention probability tensor ``(H, W, 77)`` of ``binding/METHODS.md`` (any H, W;
   the last axis is the CLIP key axis, position 0 = SOT). Positions are CLIP positions; a *word* is either one
   position or a list of positions (the word pieces that spell it).
 * Computation runs in fp32: fp16/bf16 maps are upcast (fp64 stays fp64, useful for gradcheck). Logs are clamped.
@@ -186,7 +186,7 @@ def syngen_loss(
         inside = {q for m in mods for q in m} | set(noun)
         outside = [u - 1 for u in universe if u not in inside]
 
-        def neg(x: list[int]) -> torch.Tensor:
+        def neg(x: list[int], outside: list[int] = outside) -> torch.Tensor:
             if not outside:
                 return d.new_zeros(())
             # D(x, u) per outside position u: max over x's pieces, then the mean over u, negated.
@@ -393,7 +393,7 @@ def db_binding_jsd(object_map: torch.Tensor, attribute_map: torch.Tensor, tv: to
 
     The attribute map is first rescaled to the object's peak so only its shape counts; both softmaxed
     distributions are cut at ``qt * max(p)`` (qt = 0.3 when the object is still flat, tv < 0.1, else 0.2) so
-    only the high-attention regions are compared, then ``relu + 1e-5`` keeps the logs finite. As in METHODS.md,
+    only the high-attention regions are compared, then ``relu + 1e-5`` keeps the logs finite. As in ``binding/METHODS.md``,
     both are cut at the *object's* threshold and not renormalised afterwards.
     """
     if object_map.ndim != 2 or attribute_map.shape != object_map.shape:
@@ -438,8 +438,8 @@ def divide_bind_loss(
     (may be None when there are no pairs); ``pairs``: ``(k, j)`` = object channel k is bound to attribute
     channel j. Objects without a pair use -TV_k; an object with several attributes takes its largest JSD (an
     extension: the original binds one colour per object). With ``attendance=False`` the -TV term is dropped,
-    with ``binding=False`` the JSD term; ``tv`` is ``total_variation``'s mode. Returns ``(loss, tvs)``; ``tvs`` (K,) drive D&B's refinement
-    (``min(tvs)`` against its thresholds) whatever the switches.
+    with ``binding=False`` the JSD term; ``tv`` is ``total_variation``'s mode. Returns ``(loss, tvs)``; ``tvs``
+    (K,) drive D&B's refinement (``min(tvs)`` against its thresholds) whatever the switches.
     """
     _check_maps(object_maps, "object_maps")
     n_obj = object_maps.shape[-1]

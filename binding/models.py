@@ -24,7 +24,7 @@ from typing import Mapping
 
 import torch
 
-from binding.pipelines import SD_SCHEDULER, assemble_pipeline, default_dtype, pick_device
+from binding.pipelines import assemble_pipeline, default_dtype, pick_device
 
 __all__ = [
     "ModelLoadError",

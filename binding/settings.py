@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+
 import numpy as np
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_STEPS", "RANGES", "Range", "Settings", "defaults_for"]

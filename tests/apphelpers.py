@@ -26,7 +26,8 @@ def running_app(model: str | None = "tiny", timeout: float = 120.0):
     the app as the README does, with no --model (the offline default)."""
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = open(ROOT / "tests" / "artifacts" / f"app-{port}.log", "w") if (ROOT / "tests" / "artifacts").is_dir() else subprocess.DEVNULL
+    artifacts = ROOT / "tests" / "artifacts"
+    log = open(artifacts / f"app-{port}.log", "w") if artifacts.is_dir() else subprocess.DEVNULL
     start = time.perf_counter()
     flags = [] if model is None else ["--model", model]
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags],
@@ -41,7 +42,7 @@ def running_app(model: str | None = "tiny", timeout: float = 120.0):
                 break
             except OSError:
                 if time.perf_counter() - start > timeout:
-                    raise TimeoutError(f"app.py did not serve {url} within {timeout:.0f} s")
+                    raise TimeoutError(f"app.py did not serve {url} within {timeout:.0f} s") from None
                 time.sleep(0.25)
         yield url, time.perf_counter() - start
     finally:

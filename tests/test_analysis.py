@@ -220,7 +220,8 @@ def test_pairs_roundtrip_and_repeated_words(nlp):
 
 def test_pairs_validation_messages(nlp):
     result = analyze("a dog and a small dog", nlp)
-    rows = [("small", "dog"), ("purple", "dog#1"), ("small", "dog#3"), ("small", "cat"), ("", "dog#1"), ("", ""), ("small", "dog@2")]
+    rows = [("small", "dog"), ("purple", "dog#1"), ("small", "dog#3"), ("small", "cat"), ("", "dog#1"), ("", ""),
+            ("small", "dog@2")]
     bindings, problems = bindings_from_pairs(result, rows)
     by_row = {p.row: p.message for p in problems}
     assert "occurs 2 times" in by_row[0] and "dog#1 or dog#2" in by_row[0]

@@ -10,7 +10,7 @@ from gradio_client import Client
 
 from apphelpers import running_app
 from binding.records import load_run
-
+from binding.settings import RANGES
 
 pytestmark = pytest.mark.slow  # a real server (and a browser)
 
@@ -38,7 +38,8 @@ def test_parse_endpoint_shows_markup_as_text(client):
 def generate(client, prompt="a red apple and a green banana", rows=None, method="SynGen", terms=None, steps=8,
              intervention=4, step_size=20, guidance=7.5, seed=3, randomize=False):
     terms = ["syngen_positive", "syngen_negative"] if terms is None else terms
-    rows = {"headers": ["use", "modifiers", "noun"], "data": rows if rows is not None else [[True, "red", "apple"], [True, "green", "banana"]]}
+    data = rows if rows is not None else [[True, "red", "apple"], [True, "green", "banana"]]
+    rows = {"headers": ["use", "modifiers", "noun"], "data": data}
     return client.predict(prompt, rows, "tiny", method, terms, steps, intervention, step_size, guidance, seed, randomize,
                           api_name="/generate")
 
@@ -64,7 +65,7 @@ def test_generate_endpoint(client, tmp_path):
     [
         ({"prompt": "   "}, "prompt is empty"),
         ({"rows": [[True, "purple", "apple"]]}, "'purple' is not a word of the prompt"),
-        ({"steps": 500}, "greater than maximum value 100"),
+        ({"steps": 500}, f"greater than maximum value {RANGES['steps'].hi:g}"),
         ({"intervention": 9, "steps": 4, "method": "Bogus"}, "Bogus"),
     ],
 )

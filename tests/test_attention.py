@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from binding.attention import AttentionCapture, _nearest_rows, cross_attention_layers, latent_size, read_grid
-from binding.models import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def _naive_syngen(maps, bindings, n_tokens, positive=True, negative=True):
         inside = {p for m in mods for p in m} | set(noun)
         U = [u for u in range(1, n_tokens - 1) if u not in inside]
 
-        def neg(x):
+        def neg(x, U=U):
             return -sum(D(x, [u]) for u in U) / len(U) if U else 0.0
 
         if not mods:

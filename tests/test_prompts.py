@@ -5,7 +5,6 @@ import collections
 import pytest
 
 from binding.evaluation.prompts import (
-    AE_ANIMALS,
     AE_OBJECTS,
     DVMP_ANIMALS,
     DVMP_COLOURS,

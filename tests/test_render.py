@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from binding.analysis import analyze, load_parser
+from binding.analysis import analyze
 from binding.render import parse_svg
 
 

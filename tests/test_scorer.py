@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from binding.shapes import world
 from binding.shapes.scorer import accuracy, classify, degrade, detect, score_image, shape_features

@@ -1,7 +1,6 @@
 """The teaching model: its layout reads a 16x16 grid, training resumes bit for bit, the export is a diffusers
 Stable Diffusion folder the guidance runs on, and the scoring statistics are right."""
 
-import argparse
 import json
 import math
 
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 from binding.attention import cross_attention_layers, read_grid
-from binding.guidance import GuidedSampler
 from binding.evaluation.report import shapes_rates
 from binding.evaluation.stats import bootstrap_paired, newcombe_paired, wilson
+from binding.guidance import GuidedSampler
 from binding.shapes.model import ShapesConfig, build_models, build_shapes_pipeline
 from binding.shapes.train import Trainer, train
 from binding.tokenizer import load_tokenizer
@@ -190,7 +189,9 @@ def test_newcombe_paired_interval():
     assert d1 == pytest.approx(0.1) and d2 == pytest.approx(-0.1)
     assert (l1, h1) == (pytest.approx(-h2), pytest.approx(-l2))
     assert l1 < d1 < h1 and l1 > 0  # 15 vs 5 discordant pairs out of 100: a real difference
-    assert newcombe_paired(0, 20, 0, 0)[1:] == (pytest.approx(newcombe_paired(0, 20, 0, 0)[1]), 1.0)
+    # 20 discordant pairs, all for the method: Newcombe's method 10 from the two Wilson intervals by hand
+    # (p1 = 1: [0.83887, 1]; p2 = 0: [0, 0.16113]; phi = 0): lower 1 - sqrt(0.16113^2 + 0.16113^2)
+    assert newcombe_paired(0, 20, 0, 0) == (1.0, pytest.approx(0.772135, abs=1e-6), 1.0)
     d, lo, hi = newcombe_paired(10, 3, 3, 10)
     assert d == 0 and -1 <= lo < 0 < hi <= 1
 

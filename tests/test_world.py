@@ -7,9 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from binding.shapes import world
 from binding.analysis import analyze, analyze_doc, load_parser
-from binding.tokenizer import load_tokenizer
+from binding.shapes import world
 from binding.shapes.world import (
     BACKGROUND,
     COLOURS,
@@ -28,6 +27,7 @@ from binding.shapes.world import (
     sample_scene,
     training_scene,
 )
+from binding.tokenizer import load_tokenizer
 
 SCENES = [training_scene(i) for i in range(1500)]
 

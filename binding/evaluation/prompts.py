@@ -4,7 +4,7 @@ Every set is a plain, ordered list of prompts with a group label (the paper's su
 index is stable and can name its results on disk. ``load_prompt_set`` parses each prompt once with
 ``binding.analysis.analyze``, so every prompt carries the bindings the guidance will use.
 
-Built-in sets (METHODS.md section 5):
+Built-in sets (the papers' benchmarks):
 
 - ``ae``: Attend-and-Excite's 276 prompts. 66 animal-animal ("a cat and a dog": every unordered pair of the 12
   animals), 144 animal-object (each animal with each of the 12 objects: "a cat with a crown" for the three

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from binding.evaluation.metrics import DEFAULT_CLIP, ClipScorer, ClipUnavailable, attention_metrics, load_clip, shapes_scores
+from binding.evaluation.metrics import (
+    DEFAULT_CLIP,
+    ClipScorer,
+    ClipUnavailable,
+    attention_metrics,
+    load_clip,
+    shapes_scores,
+)
 
 __all__ = ["EVAL_METHODS", "Item", "collect_rows", "item_dir", "item_record", "plan_items", "run_eval"]
 
@@ -189,8 +196,8 @@ def run_eval(
     writes its own."""
     from accelerate import PartialState
 
-    from binding.methods import resolve_method
     from binding.evaluation.prompts import load_prompt_set
+    from binding.methods import resolve_method
 
     state = PartialState(cpu=_use_cpu(device))
     out = Path(out)

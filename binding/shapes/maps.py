@@ -51,8 +51,8 @@ def map_separation(pipe, scenes: Sequence[world.Scene], timesteps: Sequence[int]
     with the layer ``"average"`` (every read layer's heads equally weighted) beside each named layer.
     """
     from binding.attention import AttentionCapture
-    from binding.shapes.model import scene_tensor
     from binding.shapes.grounding import WORD_COLUMNS, object_targets, own_object_share, tail_mask, word_maps
+    from binding.shapes.model import scene_tensor
 
     scenes = [s for s in scenes if len(s.objects) == 2]
     if not scenes:
@@ -101,7 +101,7 @@ def map_separation(pipe, scenes: Sequence[world.Scene], timesteps: Sequence[int]
         else:
             out["share"][key[1]].setdefault(key[2], {})[key[3]] = s / n
     for table in (out["tail_mass"], *out["share"].values()):
-        for name, bands in table.items():
+        for bands in table.values():
             bands["all"] = float(np.mean([bands[b] for b, _, _ in BANDS if b in bands]))
     return out
 
@@ -127,8 +127,8 @@ ABLATIONS = (
 def padding_ablation(pipe, seeds: Sequence[int] = (0, 1), steps: int = 20, guidance_scale: float = 7.5,
                      log: Callable[[str], None] | None = None) -> dict:
     """Bound and present rates of single-object prompts (all 28 colour-shape combinations) under each ablation."""
-    from binding.shapes.scorer import score_image
     from binding.shapes.grounding import tail_mask
+    from binding.shapes.scorer import score_image
 
     tok, te = pipe.tokenizer, pipe.text_encoder
     device = pipe.unet.device

@@ -277,7 +277,7 @@ def score_image(image, caption_objects, detections: list[Detection] | None = Non
     leaked = [False] * len(objects)
     colours = [c for c, _ in objects]
     other_colours = [{c2 for k, c2 in enumerate(colours) if k != j and c2 != c} for j, c in enumerate(colours)]
-    for j, (c, s) in enumerate(objects):
+    for j, (_, s) in enumerate(objects):
         if bound[j]:
             continue
         candidates = [i for i in free if dets[i].shape == s]

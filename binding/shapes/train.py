@@ -39,7 +39,6 @@ from binding.shapes.grounding import grounding_terms, object_targets, tail_mask
 from binding.shapes.model import (
     ShapesConfig,
     _count,
-    _quiet,
     build_models,
     build_shapes_pipeline,
     export_pipeline,
