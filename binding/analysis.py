@@ -273,21 +273,48 @@ def align_spans(spans: Sequence[tuple[int, int]], pieces: Sequence[tuple[int, in
 # ----------------------------------------------------------------------------------------- analysis
 
 
-def analyze(prompt: str, nlp=None, tokenizer=None) -> Analysis:
-    """Parse ``prompt``, extract its bindings and align every word to CLIP positions (SOT = 0)."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_prompt(prompt) -> str:
+    """The prompt if it is text a model can read, else a ``PromptError`` saying what is wrong and where."""
     if not isinstance(prompt, str):
         raise PromptError(f"the prompt must be text, not {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise PromptError(f"the prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+    bad = _SURROGATE.search(prompt)
+    if bad:
+        raise PromptError(
+            f"the prompt holds a character that is not text (a lone surrogate, U+{ord(bad.group()):04X}, at "
+            f"character {bad.start()}); remove it"
+        )
+    return prompt
+
+
+def analyze(prompt: str, nlp=None, tokenizer=None) -> Analysis:
+    """Parse ``prompt``, extract its bindings and align every word to CLIP positions (SOT = 0).
+
+    Only the part CLIP reads is parsed: a prompt past 75 word pieces costs what its first 75 cost, and its
+    remaining words are reported as cut off without a parse.
+    """
+    check_prompt(prompt)
     nlp = nlp if nlp is not None else load_parser()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-    doc = nlp(prompt)
-    return analyze_doc(doc, tokenizer, parser_name(nlp))
+    pieces, _, fits = _clip_pieces(prompt, tokenizer)
+    end = len(prompt)
+    if len(pieces) > fits:
+        end = pieces[fits - 1][1]
+        while end < len(prompt) and not prompt[end].isspace():  # finish the word the last piece belongs to
+            end += 1
+    return analyze_doc(nlp(prompt[:end]), tokenizer, parser_name(nlp), prompt=prompt)
 
 
-def analyze_doc(doc, tokenizer, parser: str = "") -> Analysis:
-    """The analysis of an already parsed Doc (hand-built Docs in tests, batches in the CLI)."""
-    prompt = doc.text
+def analyze_doc(doc, tokenizer, parser: str = "", prompt: str | None = None) -> Analysis:
+    """The analysis of an already parsed Doc (hand-built Docs in tests, batches in the CLI).
+
+    ``prompt``: the whole prompt when ``doc`` parses only its beginning (see ``analyze``).
+    """
+    prompt = doc.text if prompt is None else prompt
     pieces, all_tokens, fits = _clip_pieces(prompt, tokenizer)
     kept = min(len(pieces), fits)
     tokens = tuple(all_tokens[: kept + 1]) + (all_tokens[-1],)
@@ -305,10 +332,14 @@ def analyze_doc(doc, tokenizer, parser: str = "") -> Analysis:
         words[t.i] = word
         if len(visible) < len(ks):
             truncated.append(word)
+    unparsed = [Word(m.group(), len(doc.text) + m.start(), len(doc.text) + m.end(), ())
+                for m in re.finditer(r"\S+", prompt[len(doc.text):])]
+    truncated += unparsed
     if truncated:
         notes.append(
-            f"The prompt has {len(pieces)} CLIP pieces; only the first {fits} reach the model. "
-            f"Cut off: {' '.join(w.text for w in truncated[:12])}{' ...' if len(truncated) > 12 else ''}."
+            f"The prompt has {len(pieces)} CLIP pieces; only the first {fits} reach the model (CLIP's 77-token "
+            f"limit, with its start and end tokens). Cut off{' and not parsed' if unparsed else ''}: "
+            f"{' '.join(w.text for w in truncated[:12])}{' ...' if len(truncated) > 12 else ''}."
         )
 
     bindings: list[Binding] = []
@@ -333,13 +364,16 @@ def analyze_doc(doc, tokenizer, parser: str = "") -> Analysis:
         )
     nouns = tuple(words[t.i] for t in spacy_tokens if is_head_noun(t) and words[t.i].token_indices)
     return Analysis(
-        prompt, parser, tuple(words.values()), tokens, tuple(truncated), tuple(bindings), nouns, tuple(notes), doc
+        prompt, parser, tuple(words.values()) + tuple(unparsed), tokens, tuple(truncated), tuple(bindings), nouns,
+        tuple(notes), doc,
     )
 
 
 # ------------------------------------------------------------------------------------ edited pairs
 
-_OCCURRENCE = re.compile(r"^(?P<text>.+?)(?:#(?P<nth>\d+)|@(?P<at>\d+))?$")
+_OCCURRENCE = re.compile(r"^(?P<text>.*?)(?:#(?P<nth>\d+)|@(?P<at>\d+))?$")
+# A word whose text can stand for itself in the table: no separator, no reference mark, nothing invisible.
+_PLAIN = re.compile(r"[^\s,#@]+")
 
 
 @dataclass(frozen=True)
@@ -354,7 +388,8 @@ class PairProblem:
 
 
 def resolve_word(analysis: Analysis, ref: str) -> Word:
-    """The word named by ``ref``: ``text``, ``text#k`` (k-th occurrence, from 1) or ``text@char``.
+    """The word named by ``ref``: ``text``, ``text#k`` (k-th occurrence, from 1), ``text@char`` or ``@char``
+    (whatever word starts at that character: for words with spaces, commas, ``#`` or ``@`` in them).
 
     Raises ValueError with a message fit to show a user: absent word, ambiguous repeat, bad occurrence.
     """
@@ -363,6 +398,16 @@ def resolve_word(analysis: Analysis, ref: str) -> Word:
     if not ref or not m:
         raise ValueError("the word is empty")
     text = m["text"].strip()
+    if not text and m["at"] is not None:
+        at = int(m["at"])
+        match = [w for w in analysis.words if w.start == at]
+        if not match:
+            raise ValueError(f"no word of the prompt starts at character {at}")
+        if not match[0].token_indices:
+            raise ValueError(f"'{match[0].text}' (character {at}) lies past CLIP's 77-token limit")
+        return match[0]
+    if not text:
+        raise ValueError("the word is empty")
     found = analysis.occurrences(text)
     if not found:
         raise ValueError(f"'{text}' is not a word of the prompt")
@@ -389,7 +434,10 @@ def resolve_word(analysis: Analysis, ref: str) -> Word:
 
 
 def word_ref(analysis: Analysis, word: Word) -> str:
-    """The shortest ``resolve_word`` reference that names exactly ``word``."""
+    """The shortest ``resolve_word`` reference that names exactly ``word`` (its position, ``@char``, when its
+    text could be misread: separators, reference marks, invisible characters)."""
+    if not (_PLAIN.fullmatch(word.text) and word.text.isprintable()):
+        return f"@{word.start}"
     same = analysis.occurrences(word.text)
     if len(same) <= 1:
         return word.text

@@ -47,18 +47,33 @@ def cmd_parse(args) -> int:
     except ParserNotFound as exc:
         raise CommandError(str(exc)) from None
     tokenizer = load_tokenizer(args.tokenizer)
-    prompts = (line.rstrip("\r\n") for line in sys.stdin) if args.prompt == "-" else [args.prompt]
+    prompts = _stdin_lines() if args.prompt == "-" else [(1, args.prompt, None)]
     status = 0
-    for prompt in prompts:
+    for line, prompt, problem in prompts:
         try:
+            if problem:
+                raise PromptError(problem)
             _print_analysis(analyze(prompt, nlp, tokenizer), args.json)
         except PromptError as exc:
             status = 1
             if args.json:
-                print(json.dumps({"prompt": prompt[:200], "error": str(exc)}, ensure_ascii=False), flush=True)
+                shown = prompt[:200].encode("utf-8", "backslashreplace").decode("utf-8")
+                print(json.dumps({"line": line, "prompt": shown, "error": str(exc)}, ensure_ascii=False), flush=True)
             else:
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"error: line {line}: {exc}" if args.prompt == "-" else f"error: {exc}", file=sys.stderr)
     return status
+
+
+def _stdin_lines():
+    """(line number, text, problem) for each line of standard input, as bytes decoded one by one, so a line
+    that is not UTF-8 is reported and the rest go on."""
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        raw = raw.rstrip(b"\r\n")
+        try:
+            yield n, raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            yield n, raw.decode("utf-8", "replace"), (f"line {n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                                       f"position {exc.start})")
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -127,7 +142,8 @@ def cmd_generate(args) -> int:
     from binding.analysis import analyze, bindings_from_pairs
     from binding.guidance import GuidedSampler
     from binding.models import load_pipeline
-    from binding.records import save_run
+    from binding.records import RUN_BYTES, check_run_target, save_run
+    from binding.storage import check_writable
 
     analysis = analyze(args.prompt)
     if not args.prompt.strip():
@@ -139,9 +155,9 @@ def cmd_generate(args) -> int:
             raise CommandError("; ".join(str(p) for p in problems))
     out = Path(args.out)
     targets = [out] if len(args.seed) == 1 else [out / f"seed-{s}" for s in args.seed]
-    taken = [t for t in targets if (t / "run.json").exists()]
-    if taken and not args.overwrite:
-        raise CommandError(f"{taken[0]} already holds a run; pass --overwrite to replace it")
+    for t in targets:  # before any work: refusing costs nothing, and nothing of the user's is replaced
+        check_run_target(t, args.overwrite)
+    check_writable(out, need_bytes=RUN_BYTES * len(targets))
     pipe = load_pipeline(args.model, device=args.device)
     results = GuidedSampler(pipe)(
         args.prompt, args.seed, args.method, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -454,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     from binding.analysis import ParserNotFound, PromptError
     from binding.guidance import Cancelled, GuidanceError
     from binding.models import ModelLoadError
+    from binding.storage import OutputError
 
     args = build_parser().parse_args(argv)
     if args.command != "parse":
@@ -461,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, PromptError, ParserNotFound, ModelLoadError, GuidanceError, ValueError,
-            FileNotFoundError, FileExistsError) as exc:
+            FileNotFoundError, FileExistsError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Cancelled:

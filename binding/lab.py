@@ -10,7 +10,7 @@ import html
 import threading
 from dataclasses import dataclass
 
-from binding.analysis import Analysis, Binding, analyze, bindings_from_pairs, pairs_from_bindings
+from binding.analysis import Analysis, Binding, PromptError, analyze, bindings_from_pairs, pairs_from_bindings
 from binding.methods import DIAGNOSTICS, METHODS, TERMS, method_names
 from binding.render import binding_colours, parse_svg
 
@@ -27,8 +27,14 @@ class PromptView:
 
 
 def prompt_view(prompt: str) -> PromptView:
-    """Everything the app shows for a prompt before any model runs."""
-    analysis = analyze(prompt or "")
+    """Everything the app shows for a prompt before any model runs; a prompt that cannot be read gives the
+    empty view with the reason as its notice."""
+    try:
+        analysis = analyze(prompt or "")
+    except PromptError as exc:
+        empty = analyze("")
+        notice = notes_markdown([f"This prompt cannot be used: {exc}."])
+        return PromptView(empty, parse_html(empty), [], tokens_html(empty), notice)
     rows = [[True, mods, noun] for mods, noun in pairs_from_bindings(analysis)]
     return PromptView(analysis, parse_html(analysis), rows, tokens_html(analysis), notes_markdown(analysis.notes))
 

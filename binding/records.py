@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from binding.analysis import Binding, Word
+from binding.storage import clean_stale, recover_dir, replace_dir
 
 __all__ = ["RUNS", "RunResult", "load_run", "save_run", "save_run_archive"]
 
@@ -150,29 +151,49 @@ def _write_files(result: RunResult, folder: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_run(result: RunResult, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``result`` to ``directory`` atomically (temporary folder beside it, then a rename).
+RUN_FILES = frozenset({"run.json", "run.npz", "vanilla.png", "guided.png"})
+RUN_BYTES = 8 << 20  # room to ask for before writing one run at SD's 512 px (its maps make most of it)
 
-    An existing ``directory`` is replaced only with ``overwrite=True``; otherwise ``FileExistsError``.
-    """
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run written by ``save_run``: its run.json and nothing but a run's files."""
+    p = Path(path)
+    if not (p / "run.json").is_file():
+        return False
+    return all(f.name in RUN_FILES for f in p.iterdir())
+
+
+def check_run_target(directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Where a run may go: a new or empty folder, or (``overwrite``) an earlier run; never a folder of other
+    files (``FileExistsError`` saying so). Called before any work, so nothing is lost by refusing."""
     target = Path(directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    recover_dir(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; give a folder for the run")
+    if target.is_dir() and any(target.iterdir()):
+        if not is_run_folder(target):
+            raise FileExistsError(f"{target} holds files that are not a run of ours; choose another folder "
+                                  "(nothing was written or deleted)")
+        if not overwrite:
+            raise FileExistsError(f"{target} already holds a run; pass --overwrite (overwrite=True) to replace it")
+    return target
+
+
+def save_run(result: RunResult, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``result`` to ``directory`` atomically: a hidden temporary folder beside it, then one atomic
+    exchange of names (``binding.storage.replace_dir``), so a kill leaves the old run or the new one.
+
+    An existing run is replaced only with ``overwrite=True``; a folder of other files never (``check_run_target``).
+    """
+    target = check_run_target(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_files(result, tmp)
-        if target.exists():  # overwrite: move the old run aside first, so a failure leaves one complete run
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "run")
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / "run", target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

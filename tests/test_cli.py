@@ -54,11 +54,23 @@ def test_parse_stdin_loads_parser_once(monkeypatch, capsys):
         return real(name)
 
     monkeypatch.setattr(A, "load_parser", counting)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a red apple\n\nred and blue\na café\n"))
+    stdin = io.TextIOWrapper(io.BytesIO("a red apple\n\nred and blue\na café\n".encode()), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
     assert main(["parse", "-", "--json"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert [json.loads(line)["prompt"] for line in lines] == ["a red apple", "", "red and blue", "a café"]
     assert len(calls) == 1
+
+
+def test_parse_batch_reports_a_bad_line_and_goes_on(monkeypatch, capsys):
+    """Invalid UTF-8 and a lone surrogate (CESU bytes) are error objects; every other line is parsed."""
+    data = b"a red apple\n\xff\xfe bad\na \xed\xa0\x80 cat\n" + "x".encode() * 10_001 + b"\na blue car\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    assert main(["parse", "-", "--json"]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert len(rows) == 5 and [r.get("line") for r in rows if "error" in r] == [2, 3, 4]
+    assert "not UTF-8" in rows[1]["error"] and "characters long" in rows[3]["error"]
+    assert rows[-1]["bindings"][0]["noun"]["text"] == "car"
 
 
 @pytest.mark.slow  # a subprocess per call

@@ -39,10 +39,12 @@ from binding.evaluation.metrics import (
     load_clip,
     shapes_scores,
 )
+from binding.storage import atomic_write_text, check_writable, clean_stale
 
 __all__ = ["EVAL_METHODS", "Item", "collect_rows", "item_dir", "item_record", "plan_items", "run_eval"]
 
 EVAL_METHODS = ("vanilla", "syngen", "divide-bind", "attend-excite")
+ITEM_BYTES = 1 << 20  # room to ask for per item before a grid starts (a 512 px item is ~0.5 MB)
 
 # ---------------------------------------------------------------------------------------------- items
 
@@ -173,6 +175,14 @@ def _use_cpu(device: str | None) -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); this folder's evaluation is damaged: use another --out "
+                         "or delete the file to start the settings afresh (the items stay)") from None
+
+
 def run_eval(
     prompt_set: str,
     out: str | Path,
@@ -213,21 +223,25 @@ def run_eval(
     # What decides the pixels must match a DIR's earlier run; methods, seeds and CLIP may grow between runs.
     fixed = ("set", "model", "steps", "guidance_scale", "intervention_steps", "step_size", "height", "width")
     if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        old = _read_json(cfg_path)
         diff = [k for k in fixed if old.get(k) != settings[k]]
         if (out / "prompts.json").is_file():
-            before = [p["text"] for p in json.loads((out / "prompts.json").read_text(encoding="utf-8"))["prompts"]]
+            before = [p["text"] for p in _read_json(out / "prompts.json")["prompts"]]
             if any(a != b for a, b in zip(before, pset.texts)):
                 diff.append("prompt texts")
         if diff:
             raise ValueError(f"{out} holds an evaluation with other settings ({', '.join(diff)}); use another --out")
+    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise FileExistsError(f"{out} holds files that are not an evaluation of ours; choose another --out "
+                              "(nothing was written or deleted)")
+    check_writable(out, need_bytes=ITEM_BYTES * len(pset) * len(seeds) * len(methods))
     state.wait_for_everyone()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_config.json").write_text(json.dumps(settings, indent=1), encoding="utf-8")
-        (out / "prompts.json").write_text(
-            json.dumps({"set": pset.name, "prompts": [p.to_dict() for p in pset]}, indent=1), encoding="utf-8"
-        )
+        clean_stale(out / "items")  # hidden folders of items a killed run was writing
+        atomic_write_text(out / "eval_config.json", json.dumps(settings, indent=1))
+        atomic_write_text(out / "prompts.json",
+                          json.dumps({"set": pset.name, "prompts": [p.to_dict() for p in pset]}, indent=1))
     items = plan_items(len(pset), seeds, methods)
     todo = [it for it in items if not item_dir(out, it).is_dir()]
     state.wait_for_everyone()  # every process lists the same todo before anyone writes
@@ -284,5 +298,7 @@ def collect_rows(out: str | Path) -> list[dict]:
     """Every finished item's metrics.json in ``out``, in item order."""
     rows = []
     for path in sorted(Path(out, "items").glob("*/metrics.json")):
+        if path.parent.name.startswith("."):  # an item a killed run left half-made: not an item
+            continue
         rows.append(json.loads(path.read_text(encoding="utf-8")))
     return rows

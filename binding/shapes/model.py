@@ -38,6 +38,7 @@ import torch
 
 from binding.pipelines import assemble_pipeline, pick_device
 from binding.shapes import world
+from binding.storage import replace_dir
 
 __all__ = [
     "LEGACY_RECIPE",
@@ -209,7 +210,7 @@ def export_pipeline(folder: str | Path, vae, unet, text_encoder, card: str | Non
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Save a diffusers Stable Diffusion folder (safetensors, SD's PNDM, the shipped CLIP tokenizer).
 
-    Written beside ``folder`` and renamed into place, so a reader never sees half a model.
+    Written beside ``folder`` and exchanged with it in one atomic rename, so a reader never sees half a model.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -227,12 +228,7 @@ def export_pipeline(folder: str | Path, vae, unet, text_encoder, card: str | Non
             (tmp / "README.md").write_text(card, encoding="utf-8")
         if extra is not None:  # more files for the folder (the trainer's loss curves)
             extra(tmp)
-        old = folder.with_name(f".{folder.name}-old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, folder)  # atomic: a kill leaves the old model or the new one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

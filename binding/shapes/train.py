@@ -44,6 +44,7 @@ from binding.shapes.model import (
     export_pipeline,
     scene_tensor,
 )
+from binding.storage import atomic_write_text
 
 __all__ = ["RECIPE_NOTES", "TRAIN_OPTIONS", "Trainer", "loss_curve", "train"]
 
@@ -499,9 +500,8 @@ class Trainer:
         """
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(
-            json.dumps({"config": cfg.to_dict(), "device": str(self.device)}, indent=2), encoding="utf-8"
-        )
+        atomic_write_text(self.out / "config.json", json.dumps({"config": cfg.to_dict(), "device": str(self.device)},
+                                                              indent=2))
         stop = {"why": None}
         if not self.hardware or self.hardware[-1] != _hardware(self.device):
             self.hardware.append(_hardware(self.device))
