@@ -111,6 +111,7 @@ class Plan:
     cond_embeds: torch.Tensor | None = None
     timestep_cond: torch.Tensor | None = None
     record_maps: bool = True
+    read_layers: list[str] = field(default_factory=list)  # in the order of the recorded layer maps
 
     @property
     def do_cfg(self) -> bool:
@@ -159,6 +160,7 @@ class Plan:
             "width": self.width,
             "size": [self.height, self.width],
             "grid": list(self.grid),
+            "read_layers": list(self.read_layers),
             "negative_prompt": self.negative_prompt,
             "scheduler": scheduler,
             "device": device,
@@ -178,6 +180,8 @@ class _Trace:
     name: str
     latents: torch.Tensor | None = None
     maps: list[torch.Tensor] = field(default_factory=list)  # per step, (gh, gw, n_tokens) fp16 on the device
+    layer_maps: list[torch.Tensor] = field(default_factory=list)  # per step, (layers, gh, gw, n_tokens) fp16
+    previews: list[torch.Tensor] = field(default_factory=list)  # per step, the x0 prediction (C, h, w) fp16
     losses: dict[str, list] = field(default_factory=dict)  # on each step's CFG maps
     before_update: dict[str, list] = field(default_factory=dict)  # what the guidance pass optimised
     grad_passes: int = 0  # conditional forward passes with gradients
@@ -479,6 +483,7 @@ class GuidedSampler:
             analysis=analysis,
             negative_prompt=negative_prompt,
             record_maps=record_maps,
+            read_layers=[layer.name for layer in grid_capture.aggregation_order],
         )
         with torch.no_grad():  # diffusers' __call__ runs under no_grad; the text encoder is never differentiated
             cond, uncond = self.pipe.encode_prompt(prompt, device, 1, plan.do_cfg, negative_prompt)
@@ -598,15 +603,27 @@ class GuidedSampler:
             if plan.do_cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + plan.guidance_scale * (noise_text - noise_uncond)
+            if trace is not None and plan.record_maps:
+                trace.previews.append(self._predicted_x0(latents, noise_pred, t)[0].to(torch.float16))
             latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
             values: dict[str, float] = {}
             if rec is not None:
                 if trace is not None:
                     trace.maps.append(rec.maps()[..., : plan.n_tokens].to(torch.float16))
+                    layers = rec.layer_maps()
+                    trace.layer_maps.append(torch.stack([m[..., : plan.n_tokens] for m in layers.values()]).half())
                 if plan.terms:
                     _, parts, diag = self.losses(plan, rec, i)
                     values = _floats({**parts, **diag})
         return latents, values
+
+    def _predicted_x0(self, latents: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
+        """The clean latents this step's prediction implies (epsilon or v prediction)."""
+        acp = self.scheduler.alphas_cumprod.to(latents.device)[int(t)].float()
+        x, out = latents.float(), model_output.float()
+        if self.scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+            return acp.sqrt() * x - (1 - acp).sqrt() * out
+        return (x - (1 - acp).sqrt() * out) / acp.sqrt()
 
     # ---------------------------------------------------------------------------------- guidance
 
@@ -710,8 +727,8 @@ class GuidedSampler:
         def arr(x):
             return None if x is None else x.detach().float().cpu().numpy()
 
-        def maps(tr):
-            return None if tr is None or not tr.maps else torch.stack(tr.maps).cpu().numpy()
+        def maps(tr, what="maps"):
+            return None if tr is None or not getattr(tr, what) else torch.stack(getattr(tr, what)).cpu().numpy()
 
         v, g = traces.get("vanilla"), traces.get("guided")
         # Each run once: a guided side that is the vanilla run itself has no timings or counters of its own.
@@ -751,5 +768,9 @@ class GuidedSampler:
             counters={name: tr.counters() for name, tr in own.items()},
             vanilla_latents=vanilla_latents,
             guided_latents=vanilla_latents if g is v else arr(g.latents) if g else None,
+            vanilla_layer_maps=maps(v, "layer_maps"),
+            guided_layer_maps=maps(g, "layer_maps"),
+            vanilla_previews=maps(v, "previews"),
+            guided_previews=maps(g, "previews"),
         )
 

@@ -59,6 +59,7 @@ class Preset:
     # a dict of settings (steps, intervention_steps, step_size, guidance_scale); see ``binding.settings``.
     defaults: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     examples: tuple[str, ...] = ()  # prompts that suit it (the app's examples)
+    in_app: bool = True  # offered in the app's model menu (architecture presets for benchmarks are not)
 
     def defaults_for(self, method: str) -> dict:
         return {**self.defaults.get("*", {}), **self.defaults.get(method, {})}

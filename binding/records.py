@@ -6,7 +6,8 @@ On disk a run is a folder::
 
     vanilla.png, guided.png   the images (absent when the run was not decoded)
     run.json                  settings, bindings, subjects, tokens, losses, notes, timings, counters (no arrays)
-    run.npz                   vanilla_latents, guided_latents, vanilla_maps, guided_maps
+    run.npz                   vanilla_latents, guided_latents, vanilla_maps, guided_maps, each read layer's
+                              maps and each step's prediction of the final latents
 
 ``save_run`` writes into a hidden temporary folder beside the target and renames it into place, so a reader
 never sees a half-written run and a failure leaves nothing behind. ``save_run_archive`` puts the same files in
@@ -64,6 +65,14 @@ class RunResult:
     )  # run -> {"grad_passes", "backward_passes", "refinement_iterations", ...}
     vanilla_latents: np.ndarray | None = None  # (1, C, h, w) float32
     guided_latents: np.ndarray | None = None
+    # Each read layer's head-averaged maps, for views that choose which layers to average:
+    # (steps, layers, H, W, n_tokens) float16, in the order of ``settings["read_layers"]``.
+    vanilla_layer_maps: np.ndarray | None = None
+    guided_layer_maps: np.ndarray | None = None
+    # Each step's prediction of the final latents (x0), (steps, C, h, w) float16: what the picture looked like
+    # to the model at that step, for drawing that step's maps over it.
+    vanilla_previews: np.ndarray | None = None
+    guided_previews: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -88,6 +97,14 @@ class RunResult:
         """(H, W, n_tokens) maps of ``run`` averaged over ``steps`` (all by default), in fp32 (DAAM-style)."""
         m = self.maps(run)
         return None if m is None or len(m) == 0 else m[steps or slice(None)].astype(np.float32).mean(0)
+
+    def layer_maps(self, run: str) -> np.ndarray | None:
+        _check_run(run)
+        return self.vanilla_layer_maps if run == "vanilla" else self.guided_layer_maps
+
+    def previews(self, run: str) -> np.ndarray | None:
+        _check_run(run)
+        return self.vanilla_previews if run == "vanilla" else self.guided_previews
 
     def image(self, run: str):
         _check_run(run)
@@ -135,7 +152,8 @@ def _jsonable(x):
     return str(x)
 
 
-_ARRAYS = ("vanilla_latents", "guided_latents", "vanilla_maps", "guided_maps")
+_ARRAYS = ("vanilla_latents", "guided_latents", "vanilla_maps", "guided_maps", "vanilla_layer_maps",
+           "guided_layer_maps", "vanilla_previews", "guided_previews")
 
 
 def _write_files(result: RunResult, folder: Path) -> None:
@@ -264,4 +282,5 @@ def _load_folder(d: Path, where: Path) -> RunResult:
         counters=meta.get("counters", {}),
         vanilla_latents=arrays.get("vanilla_latents"),
         guided_latents=arrays.get("guided_latents"),
+        **{k: arrays.get(k) for k in _ARRAYS[4:]},
     )

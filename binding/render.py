@@ -79,52 +79,129 @@ def _crop_top(svg: str, margin: float = 24.0) -> str:
 # ------------------------------------------------------------------------------------------ heatmaps
 
 
-def heat_overlay(image, heat, opacity: float = 0.6, cmap: str = "jet"):
-    """``heat`` (H, W), any scale, upsampled onto ``image`` and blended with the given opacity."""
+def heat_overlay(image, heat, opacity: float = 0.6, cmap: str = "magma", vmin: float | None = None,
+                 vmax: float | None = None):
+    """``heat`` (H, W) upsampled onto a greyed copy of ``image``, scaled from ``vmin`` to ``vmax`` (by default its
+    own min and max): where the heat is high its colour covers the picture (up to ``opacity``), where it is
+    zero the picture shows through, so a map reads as "where the word is"."""
     import numpy as np
     from matplotlib import colormaps
     from PIL import Image
 
     image = image.convert("RGB")
     heat = np.nan_to_num(np.asarray(heat, dtype=np.float32))
-    lo, hi = float(heat.min()), float(heat.max())
+    lo = float(heat.min()) if vmin is None else float(vmin)
+    hi = float(heat.max()) if vmax is None else float(vmax)
+    heat = heat.clip(lo, hi)
     norm = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     small = Image.fromarray((norm * 255).astype(np.uint8))
     big = np.asarray(small.resize(image.size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     colour = (colormaps[cmap](big)[..., :3] * 255).astype(np.float32)
-    base = np.asarray(image, dtype=np.float32)
-    opacity = float(min(max(opacity, 0.0), 1.0))
-    return Image.fromarray((base * (1 - opacity) + colour * opacity).clip(0, 255).astype(np.uint8))
+    grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32) * 0.8 + 40
+    alpha = float(min(max(opacity, 0.0), 1.0)) * (0.25 + 0.75 * big[..., None])
+    return Image.fromarray((grey * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8))
 
 
-def heatmap_grid(rows, words, opacity: float = 0.6, cell: int = 160, cmap: str = "jet"):
-    """One row per run (e.g. vanilla, guided), one column per word: the word's map over that run's image.
+def latent_previews(previews, final_latents, final_image, size: int | None = None) -> list:
+    """Each step's predicted final latents as an approximate picture, without a VAE: a per-run linear map from
+    latent channels to RGB, fitted by least squares on the final latents against the final image (what
+    latent previews in SD front ends do, but fitted to whatever model made the run)."""
+    import numpy as np
+    from PIL import Image
 
-    ``rows`` is a sequence of ``(label, image, maps)`` with maps (H, W, T) for CLIP positions 0..T-1.
-    Each cell is normalised on its own, so a faint map is still visible; compare places, not brightness.
+    size = size or final_image.width
+    z = np.asarray(final_latents, dtype=np.float64)[0]  # (C, h, w)
+    c, h, w = z.shape
+    target = np.asarray(final_image.convert("RGB").resize((w, h), Image.Resampling.BOX), dtype=np.float64) / 255.0
+    design = np.concatenate([z.reshape(c, -1).T, np.ones((h * w, 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, target.reshape(-1, 3), rcond=None)
+    out = []
+    for x0 in np.asarray(previews, dtype=np.float64):
+        rgb = np.concatenate([x0.reshape(c, -1).T, np.ones((h * w, 1))], axis=1) @ coef
+        img = Image.fromarray((rgb.reshape(h, w, 3).clip(0, 1) * 255).astype(np.uint8))
+        out.append(img.resize((size, size * h // w), Image.Resampling.BILINEAR))
+    return out
+
+
+def colour_bar(vmin: float, vmax: float, height: int, cmap: str = "magma", width: int = 58, label: str = ""):
+    """A vertical colour bar with its end values, for heatmaps drawn on a shared scale."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    bar = np.linspace(1, 0, max(height - 24, 8))[:, None].repeat(14, 1)
+    colours = (colormaps[cmap](bar)[..., :3] * 255).astype(np.uint8)
+    canvas = Image.new("RGB", (width, height), "white")
+    canvas.paste(Image.fromarray(colours), (4, 12))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
+    draw.text((20, 6), f"{vmax:.3g}", fill="black", font=font)
+    draw.text((20, height - 22), f"{vmin:.3g}", fill="black", font=font)
+    if label:
+        draw.text((20, height // 2 - 6), label, fill="#555", font=font)
+    return canvas
+
+
+def evidence_grid(rows, words, *, scale: str = "row", mask: bool = False, opacity: float = 0.6, cell: int = 160,
+                  cmap: str = "magma", threshold: float = 0.5):
+    """One row per run, one column per word: each word's map over that row's picture, on a colour scale that
+    can be compared (``scale="row"``: one per row, ``"shared"``: one for the whole grid), with a colour bar.
+
+    ``rows``: ``(label, image, maps)`` with maps (H, W, T) of attention probability. ``mask=True`` draws the
+    thresholded map instead (cells above ``threshold`` x the cell's own peak: where the word "is").
     """
     from PIL import Image, ImageDraw
 
     from binding.metrics import word_map
 
+    if scale not in ("row", "shared"):
+        raise ValueError(f"scale must be 'row' or 'shared', not {scale!r}")
     words = [w for w in words if w.token_indices]
-    label_w, head_h, pad = 90, 30, 4
-    width = label_w + max(len(words), 1) * (cell + pad)
+    heats = [[word_map(maps, w) for w in words] for _, _, maps in rows]
+    peaks = [max((float(h.max()) for h in row), default=0.0) for row in heats]
+    shared = max(peaks, default=0.0)
+    label_w, head_h, pad, bar_w = 90, 30, 4, 58
+    width = label_w + max(len(words), 1) * (cell + pad) + (0 if mask else bar_w)
     height = head_h + len(rows) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font(15)
-    for c, word in enumerate(words):  # column heads: the words, once
+    for c, word in enumerate(words):
         x = label_w + c * (cell + pad)
         text = _fit(draw, word.text, font, cell)
         draw.text((x + (cell - draw.textlength(text, font=font)) / 2, 8), text, fill="black", font=font)
-    for r, (label, image, maps) in enumerate(rows):
+    for r, (label, image, _) in enumerate(rows):
         y = head_h + r * (cell + pad)
         draw.text((6, y + cell // 2 - 8), _fit(draw, str(label), font, label_w - 6), fill="black", font=font)
-        base = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
-        for c, word in enumerate(words):
-            canvas.paste(heat_overlay(base, word_map(maps, word), opacity, cmap), (label_w + c * (cell + pad), y))
+        base = image.convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR)
+        vmax = shared if scale == "shared" else peaks[r]
+        for c, heat in enumerate(heats[r]):
+            if mask:
+                tile = mask_overlay(base, heat >= threshold * float(heat.max()) if heat.max() > 0 else heat > 1,
+                                    opacity)
+            else:
+                tile = heat_overlay(base, heat, opacity, cmap, vmin=0.0, vmax=vmax)
+            canvas.paste(tile, (label_w + c * (cell + pad), y))
+        if not mask and (scale == "row" or r == 0):
+            bar_h = cell if scale == "row" else len(rows) * (cell + pad) - pad
+            canvas.paste(colour_bar(0.0, vmax, bar_h, cmap, bar_w), (width - bar_w, y))
     return canvas
+
+
+def mask_overlay(image, mask, opacity: float = 0.6, colour=(255, 200, 0)):
+    """``mask`` (h, w) bool upsampled onto ``image``: inside tinted, outside dimmed, the edge outlined."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    m = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
+    inside = np.asarray(m, dtype=np.float32)[..., None] / 255.0
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tint = np.array(colour, dtype=np.float32)
+    out = base * (1 - inside * opacity * 0.5) + tint * inside * opacity * 0.5
+    out = out * (1 - (1 - inside) * opacity * 0.6)
+    edge = np.asarray(m.filter(ImageFilter.FIND_EDGES), dtype=np.float32)[..., None] / 255.0
+    out = out * (1 - edge) + tint * edge
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
 def display_image(image, min_side: int = 256):

@@ -22,34 +22,46 @@ def client():
 
 
 def test_parse_endpoint(client):
-    parse_html, pairs, tokens_html, notice, analysis = client.predict("a dog and a small dog", api_name="/parse")
+    parse_html, pairs, tokens_html, notice, analysis, problems, stale = client.predict("a dog and a small dog",
+                                                                                     api_name="/parse")
     assert "displacy" in parse_html and "en_core_web" in parse_html
     assert pairs["data"] == [[True, "small", "dog#2"]]
     assert analysis["bindings"][0]["noun"]["start"] == 18
     assert ">6<" in tokens_html.replace("<sub>", ">").replace("</sub>", "<")  # token positions shown
+    assert problems == "" and stale == ""
 
 
-def test_parse_endpoint_shows_markup_as_text(client):
-    parse_html, _, tokens_html, _, _ = client.predict('<script>alert("x")</script> a red car', api_name="/parse")
+def test_parse_endpoint_shows_markup_as_text_and_refuses_non_text(client):
+    parse_html, _, tokens_html, _, _, _, _ = client.predict('<script>alert("x")</script> a red car', api_name="/parse")
     assert "<script" not in parse_html and "<script" not in tokens_html
     assert "&lt;" in parse_html
+    _, pairs, _, notice, _, _, _ = client.predict("x" * 10_001, api_name="/parse")
+    assert "cannot be used" in notice and "characters long" in notice and pairs["data"] in ([], [[None, None, None]],
+                                                                                           [["", "", ""]])
+
+
+def test_api_output_names_are_short(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/parse", "/generate", "/compare"):
+        labels = [r["label"] for r in info[name]["returns"]]
+        assert all(len(label) <= 20 and not label.startswith("value_") for label in labels), (name, labels)
 
 
 def generate(client, prompt="a red apple and a green banana", rows=None, method="SynGen", terms=None, steps=8,
-             intervention=4, step_size=20, guidance=7.5, seed=3, randomize=False):
+             intervention=4, step_size=20, guidance=7.5, seed=3, randomize=False, api_name="/generate"):
     terms = ["syngen_positive", "syngen_negative"] if terms is None else terms
     data = rows if rows is not None else [[True, "red", "apple"], [True, "green", "banana"]]
     rows = {"headers": ["use", "modifiers", "noun"], "data": data}
     return client.predict(prompt, rows, "tiny", method, terms, steps, intervention, step_size, guidance, seed, randomize,
-                          api_name="/generate")
+                          api_name=api_name)
 
 
 def test_generate_endpoint(client, tmp_path):
-    vanilla, guided, summary, heatmaps, overlaps, loss_plot, step_view, files, seed = generate(client)
-    assert seed == 3 and "seed 3" in summary and "syngen" in summary
+    vanilla, guided, summary, maps, caption, overlaps, loss_plot, files, seed, problems, stale = generate(client)
+    assert seed == 3 and "seed 3" in summary and "syngen" in summary and "Step 9 of 9" in caption
     assert [r[0] for r in overlaps["data"]] == ["red → apple", "green → banana"]
     names = sorted(f.rsplit("/", 1)[-1] for f in files)
-    assert names == ["guided-seed3.png", "run-seed3.zip", "vanilla-seed3.png"]
+    assert names == ["guided-seed3.png", "run-seed3.zip", "side-by-side-seed3.png", "vanilla-seed3.png"]
     archive = next(f for f in files if f.endswith(".zip"))
     with zipfile.ZipFile(archive) as z:
         assert {"run.json", "run.npz", "vanilla.png", "guided.png"} <= set(z.namelist())
@@ -57,7 +69,18 @@ def test_generate_endpoint(client, tmp_path):
     assert meta["seed"] == 3 and meta["settings"]["steps"] == 8
     record = load_run(archive)
     assert record.guided_latents is not None and record.vanilla_maps.shape[0] == 9  # PNDM: steps + 1 loop steps
+    assert record.vanilla_layer_maps.shape[:2] == (9, len(meta["settings"]["read_layers"]))
     assert abs(record.guided_latents - record.vanilla_latents).max() > 0  # the guidance changed the run
+
+
+def test_compare_endpoint_runs_every_method_from_one_seed(client):
+    image, table, seed = client.predict("a red apple and a green banana", api_name="/compare")
+    assert seed == 0 and [r[0] for r in table["data"]] == ["Vanilla", "SynGen", "Divide & Bind", "Attend-and-Excite"]
+    with pytest.raises(Exception, match="prompt is empty"):
+        client.predict("  ", api_name="/compare")
+    with pytest.raises(Exception, match="Inference steps"):
+        client.predict("a red apple", {"headers": ["use", "modifiers", "noun"], "data": []}, "tiny", 0, 7.5, 0,
+                       False, api_name="/compare")
 
 
 @pytest.mark.parametrize(
@@ -65,10 +88,11 @@ def test_generate_endpoint(client, tmp_path):
     [
         ({"prompt": "   "}, "prompt is empty"),
         ({"rows": [[True, "purple", "apple"]]}, "'purple' is not a word of the prompt"),
-        ({"steps": 500}, f"greater than maximum value {RANGES['steps'].hi:g}"),
+        ({"steps": 500}, f"Inference steps: Value 500 is greater than maximum value {RANGES['steps'].hi:g}"),
+        ({"step_size": None}, "Step size must be a number"),
         ({"intervention": 9, "steps": 4, "method": "Bogus"}, "Bogus"),
     ],
 )
-def test_generate_refuses_bad_input_with_a_message(client, kwargs, message):
+def test_generate_refuses_bad_input_with_a_message_naming_the_field(client, kwargs, message):
     with pytest.raises(Exception, match=message):
         generate(client, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from binding import lab
@@ -31,9 +30,18 @@ def test_truncation_notice():
 
 def test_edited_rows_switched_off_and_problems():
     analysis = lab.prompt_view("a dog and a small dog").analysis
-    bindings, problems = lab.edited_bindings(analysis, [[False, "small", "dog"], [True, "small", "dog#1"], ["true", "", "dog#2"]])
+    rows = [[False, "small", "dog"], [True, "small", "dog#1"], ["true", "", "dog#2"]]
+    bindings, problems, notes = lab.edited_bindings(analysis, rows)
     assert [(b.noun.start, b.modifiers[0].text) for b in bindings] == [(2, "small")]
-    assert problems == ["row 3: no modifier given for 'dog#2'"]
+    assert problems == ["row 3: no modifier given for 'dog#2'"] and notes == []
+    # a row added through the table's menu has no tick yet: it is used, not ignored silently
+    bindings, problems, _ = lab.edited_bindings(analysis, [[None, "small", "dog#2"]])
+    assert [b.noun.start for b in bindings] == [18] and not problems
+    # two rows onto one noun merge, and say so
+    a = lab.prompt_view("a red and green apple").analysis
+    bindings, problems, notes = lab.edited_bindings(a, [[True, "red", "apple"], [True, "green", "apple"]])
+    assert [m.text for m in bindings[0].modifiers] == ["red", "green"] and not problems
+    assert notes == ["rows 1, 2 all bind 'apple': their modifiers are merged (red, green)"]
     assert "<" not in lab.problems_markdown(["row 1: '<script>' is not a word"]).replace("&lt;", "")
 
 
@@ -41,7 +49,7 @@ def test_edited_rows_switched_off_and_problems():
     "kw, message",
     [
         ({"prompt": "  "}, "prompt is empty"),
-        ({"model": "sd-9"}, "Unknown model"),
+        ({"model": "sd-9"}, "Model 'sd-9' is not offered here"),
         ({"method_label": "Magic"}, "Unknown method"),
         ({"terms": ["telepathy"]}, "Unknown loss term"),
         ({"steps": 0}, "inference steps must be from 1 to"),
@@ -92,13 +100,24 @@ def test_shapes_verdict_names_leaks_and_misses():
 
 
 def test_run_view_end_to_end():
+    from binding.serving import run_job
+
     job = request()
-    result = lab.run_generation(job)
+    results = {e.method: e.result for e in run_job(job.job()) if e.kind == "result"}
+    result = lab.pair_result(results, job.method)
+    assert result.vanilla_image is results["vanilla"].vanilla_image and result.guided_image is not None
     view = lab.run_view(result, step=2, opacity=0.3)
     assert view.n_steps == 7  # PNDM runs steps + 1
     assert [row[0] for row in view.overlaps] == ["red → apple", "green → banana"]
     assert all(0 <= row[2] <= 1 and 0 <= row[4] <= 1 for row in view.overlaps)
-    assert view.grid.size[0] > 500 and "step 2 of 7" in view.summary
-    last = lab.run_view(result)
-    assert "step 7 of 7" in last.summary
-    assert not np.array_equal(np.asarray(view.grid), np.asarray(last.grid))  # another step, other maps
+    assert view.grid.size[0] > 500
+    maps = lab.maps_view(result, step=2, view="step", scale="shared")
+    assert "Step 2 of 7" in maps.caption and "one colour scale for all" in maps.caption
+    content = lab.display_words(result_analysis := lab.prompt_view(result.prompt).analysis)
+    assert [w.text for w in content] == ["red", "apple", "green", "banana"]  # no "a", "and"
+    assert len(lab.display_words(result_analysis, function_words=True)) == 7
+    layers = result.settings["read_layers"]
+    one = lab.maps_view(result, step=2, layers=layers[:1])
+    assert f"1 of {len(layers)} read layers" in one.caption
+    image, rows = lab.compare_view({"vanilla": results["vanilla"], "syngen": results["syngen"]}, result.prompt)
+    assert [r[0] for r in rows] == ["Vanilla", "SynGen"] and image.width > 2 * 192
