@@ -188,6 +188,16 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_loadtest(args) -> int:
+    from binding.loadtest import format_report, run_loadtest
+
+    report = run_loadtest(args.clients, args.parses, args.model, args.steps, args.url, args.timeout,
+                          log=lambda m: print(m, flush=True))
+    print(format_report(report), flush=True)
+    bad = [o for o in report.outcomes if o.status == "failed"]
+    return 1 if bad else 0
+
+
 # ----------------------------------------------------------------------------------------------- eval
 
 
@@ -373,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    lt = sub.add_parser("loadtest", help="many visitors at once against the app, on this machine only: served, "
+                                         "refused, failed, waits, server memory")
+    lt.add_argument("--clients", type=int, default=40, help="concurrent generations (default 40)")
+    lt.add_argument("--parses", type=int, default=200, help="concurrent parses sent while they queue (default 200)")
+    lt.add_argument("--model", default="tiny", help="the app's model (default tiny)")
+    lt.add_argument("--steps", type=int, default=10, help="steps per generation (default 10)")
+    lt.add_argument("--url", default=None, help="a running app on a loopback address (default: start one)")
+    lt.add_argument("--timeout", type=float, default=900.0, help="seconds any one request may take (default 900)")
+    lt.set_defaults(func=cmd_loadtest)
 
     _add_teach(sub)
     return parser
