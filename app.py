@@ -17,8 +17,11 @@ except ImportError:
     spaces = None
 
 import argparse
+import atexit
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,7 +38,6 @@ from binding.render import display_image
 from binding.settings import RANGES, defaults_for
 
 QUEUE_SIZE = 256  # events waiting in all (a class of 40 generating, with bursts of typing): never "queue full"
-PARSE_CONCURRENCY = 8  # parsing runs beside generation, never behind it
 CSS = """
 .parse-scroll svg { max-width: none !important; }
 .parser-name { font-size: 0.85em; color: #666; margin-bottom: 4px; }
@@ -258,7 +260,7 @@ def on_swap(prompt, old, new, rows, model, method_label, terms, steps, intervent
 
 def on_lesson(k: int, model: str):
     """A lesson step: its text, its prompt and seed, and its pictures (computed once, then cached)."""
-    step = lab.lesson_step(k, model)
+    step = lab.lesson_step(k, model, run=_run_on_gpu)
     return step.text, step.prompt, step.seed, step.image
 
 
@@ -292,10 +294,14 @@ def on_unload(request: gr.Request):
     shutil.rmtree(_session_dir(request), ignore_errors=True)
 
 
+_WORKER: serving.Worker | None = None  # the app's generation process (started by main), when not on ZeroGPU
+
 if spaces is not None:  # ZeroGPU: a GPU is attached for the job's estimated duration only; jobs are picklable
     _run_on_gpu = spaces.GPU(duration=serving.gpu_seconds)(serving.run_job)
 else:
-    _run_on_gpu = serving.run_job
+    def _run_on_gpu(job):
+        """The job in the app's worker process, or here when none was started (the app imported by a test)."""
+        return _WORKER.run(job) if _WORKER is not None else serving.run_job(job)
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -366,7 +372,7 @@ def build(model: str | None = None) -> gr.Blocks:
                             analysis_json = gr.JSON(first.analysis.to_dict(), label="Analysis")
             with gr.Tab("Maps", id="maps"):
                 with gr.Row():
-                    step_view = named(gr.Slider(1, 2, value=1, step=1, label="Denoising step", interactive=False,
+                    step_view = named(gr.Slider(1, 2, value=1, step=1, label="Denoising pass", interactive=False,
                                                 elem_id="step-view", scale=3))
                     view_mode = gr.Radio(list(lab.MAP_VIEWS), value="step", label="Show", scale=3, elem_id="view-mode")
                     scale_mode = gr.Radio(list(lab.MAP_SCALES), value="row", label="Colour scale", scale=2,
@@ -435,8 +441,10 @@ def build(model: str | None = None) -> gr.Blocks:
                    problems, stale]
         parse_out = [parse_view, pairs, tokens, notice, analysis_json, problems, stale]
 
+        # Outside the queue: a page's live parse is a plain request (POST /gradio_api/run/parse), served by
+        # the web server's own threads, so it never waits behind generations or the queue's bookkeeping.
         prompt.change(on_prompt, [prompt, state], parse_out, api_name="parse", trigger_mode="always_last",
-                      concurrency_limit=PARSE_CONCURRENCY, concurrency_id="parse", show_progress="hidden")
+                      queue=False, show_progress="hidden")
         reset.click(on_prompt, [prompt, state], parse_out, api_visibility="private")
         pairs.input(on_pairs, [prompt, pairs], [parse_view, tokens, problems], api_visibility="private")
         method.input(on_method, [method, model_box, touched], [terms, step_size, intervention],
@@ -490,8 +498,15 @@ def main() -> None:
         cli.error(f"--model must be one of {', '.join(allowed)}")
     model = args.model or (default_model() if default_model() in allowed else allowed[0])
     serving.clear_stale_flags()
-    if preset(model) is not None and preset(model).offline:
-        serving.pipeline(model)  # load at start-up, on the CPU: the first visitor's GPU time is spent drawing
+    if spaces is None:
+        global _WORKER
+        # Generation in a process of its own, the model loaded there at start-up: pages and parses never wait
+        # behind it. (On ZeroGPU the `spaces` package runs each job in its own worker.)
+        _WORKER = serving.Worker(preload=model if preset(model) is not None and preset(model).offline else None)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so a stopped app also stops its worker (atexit)
+        atexit.register(_WORKER.close)
+    elif preset(model) is not None and preset(model).offline:
+        serving.pipeline(model)  # load at start-up, on the CPU: the GPU slice is spent drawing
     build(model).launch(server_name=args.host, server_port=args.port, css=CSS, footer_links=["api", "gradio"])
 
 

@@ -382,7 +382,7 @@ class RunView:
 
 CONTENT_POS = frozenset({"NOUN", "PROPN", "ADJ", "VERB", "NUM", "ADV", "X", "SYM"})
 MAP_VIEWS = {
-    "step": "that step's maps over that step's predicted picture",
+    "step": "that pass's maps over the picture it predicted (PNDM makes steps + 1 passes)",
     "guided steps": "maps averaged over the guided steps, over the final picture",
     "all steps": "maps averaged over every step, over the final picture",
 }
@@ -456,7 +456,7 @@ def maps_view(result, step: int | None = None, view: str = "step", scale: str = 
     analysis = analyze(result.prompt)
     image = evidence_grid(rows, display_words(analysis, function_words), scale=scale, mask=mask, opacity=opacity,
                           cell=cell)
-    what = f"step {step} of {n_steps}" if view == "step" else (
+    what = f"pass {step} of {n_steps}" if view == "step" else (
         f"the {guided_n} guided steps" if view == "guided steps" else f"all {n_steps} steps")
     shown = "where each map exceeds half its own peak" if mask else MAP_SCALES[scale]
     caption = (f"*{what.capitalize()}: {MAP_VIEWS[view]}; {used}; {shown}. Brighter = more of that word's attention "
@@ -743,7 +743,7 @@ class LessonStep:
 _LESSON_CACHE: dict = {}
 
 
-def lesson_step(k: int, model: str) -> LessonStep:
+def lesson_step(k: int, model: str, run=None) -> LessonStep:
     """Step ``k`` of the lesson on the teaching model: its words, example, seed and picture; the runs are made
     once per process and reused (a class sees them at once)."""
     from binding.models import preset
@@ -759,7 +759,7 @@ def lesson_step(k: int, model: str) -> LessonStep:
 
         job = Job(prompt, lesson_model, ("vanilla", method), steps=0, seed=seed)
         job = _with_defaults(job, lesson_model, method)
-        results = {e.method: e.result for e in run_job(job) if e.kind == "result"}
+        results = {e.method: e.result for e in (run or run_job)(job) if e.kind == "result"}
         _LESSON_CACHE[key] = pair_result(results, method)
     r = _LESSON_CACHE[key]
     colour, noun = _first_pair(r)

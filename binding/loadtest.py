@@ -1,10 +1,12 @@
 """A class in a box: many visitors at once against the app, on this machine only (``python -m binding loadtest``).
 
-It starts the app on a free loopback port (or takes ``--url``, which must be a loopback address), then sends
-``clients`` generations and, while they queue, ``parses`` prompt parses, each from its own gradio_client
-``Client``, all at once. It reports what each visitor got: served, refused (the queue full), failed (any other
-error), whether a waiting visitor was told its place in the queue and an estimate, the waits (p50 / p95), and the
-server's memory before and after. Every request is bounded (``timeout``), so the run ends by itself.
+It starts the app on a free loopback port (or takes ``--url``, which must be a loopback address), connects
+``clients`` visitors (a gradio_client ``Client`` each, as a browser loads the page once), then has each send a
+generation and, while they queue, the class sends ``parses`` prompt parses the way a page does as its visitor
+types (a plain request outside the queue, in the visitor's session), all at once. It reports what each visitor
+got: served, refused (the queue full), failed (any other error), whether a waiting visitor was told its place in
+the queue and an estimate, the waits (p50 / p95), and the server's memory before and after. Every request is
+bounded (``timeout``), so the run ends by itself.
 """
 
 from __future__ import annotations
@@ -79,8 +81,12 @@ def _rss_mb(pid: int | None) -> float | None:
 def _start_app(model: str, log) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    import tempfile
+
+    logfile = open(Path(tempfile.gettempdir()) / f"binding-loadtest-app-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--model", model], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=logfile, stderr=subprocess.STDOUT)
+    log(f"app log: {logfile.name}")
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -101,13 +107,10 @@ def _classify(exc: BaseException) -> str:
     return "refused" if "queue is full" in text.lower() else "failed"
 
 
-def _generate(url: str, k: int, steps: int, model: str, timeout: float) -> Outcome:
-    from gradio_client import Client
-
+def _generate(client, k: int, steps: int, model: str, timeout: float) -> Outcome:
     start = time.monotonic()
     told = False
     try:
-        client = Client(url, verbose=False)
         rows = {"headers": ["use", "modifiers", "noun"], "data": []}
         job = client.submit(PROMPTS[k % len(PROMPTS)], rows, model, "SynGen", ["syngen_positive", "syngen_negative"],
                             steps, min(steps, 5), 20, 7.5, k, False, api_name="/generate")
@@ -125,20 +128,27 @@ def _generate(url: str, k: int, steps: int, model: str, timeout: float) -> Outco
         return Outcome("generate", _classify(exc), time.monotonic() - start, told, str(exc)[:200])
 
 
-def _parse(url: str, k: int, timeout: float) -> Outcome:
-    from gradio_client import Client
+def _parse(url: str, k: int, session: str, timeout: float) -> Outcome:
+    """One parse as a page sends it while its visitor types: a plain request outside the queue, in the page's
+    session."""
+    import httpx
 
+    start = time.monotonic()
     try:
-        client = Client(url, verbose=False)
-    except Exception as exc:
-        return Outcome("parse", "failed", 0.0, error=f"connect: {str(exc)[:150]}")
-    start = time.monotonic()  # the parse itself, not the client's handshake
-    try:
-        job = client.submit(f"{PROMPTS[k % len(PROMPTS)]} number {k}", api_name="/parse")
-        job.result(timeout=timeout)
+        r = httpx.post(urllib.parse.urljoin(url, "gradio_api/run/parse"), timeout=timeout,
+                       json={"data": [f"{PROMPTS[k % len(PROMPTS)]} number {k}", None], "session_hash": session})
+        if r.status_code != 200 or "data" not in r.json():
+            return Outcome("parse", "failed", time.monotonic() - start, error=f"HTTP {r.status_code}: {r.text[:150]}")
         return Outcome("parse", "served", time.monotonic() - start)
     except Exception as exc:
         return Outcome("parse", _classify(exc), time.monotonic() - start, error=str(exc)[:200])
+
+
+def _visitors(url: str, n: int, pool) -> list:
+    """One gradio_client ``Client`` per visitor, made before the clock starts (a visitor loads the page once)."""
+    from gradio_client import Client
+
+    return list(pool.map(lambda _: Client(url, verbose=False), range(n)))
 
 
 def run_loadtest(clients: int = 40, parses: int = 200, model: str = "tiny", steps: int = 10, url: str | None = None,
@@ -154,11 +164,16 @@ def run_loadtest(clients: int = 40, parses: int = 200, model: str = "tiny", step
     report = Report({"clients": clients, "parses": parses, "model": model, "steps": steps, "url": url})
     try:
         report.rss_before_mb = _rss_mb(pid)
-        t0 = time.monotonic()
         with cf.ThreadPoolExecutor(max_workers=min(clients + parses, 256)) as pool:
-            gens = [pool.submit(_generate, url, k, steps, model, timeout) for k in range(clients)]
+            people = _visitors(url, clients, cf.ThreadPoolExecutor(max_workers=8)) if clients else []
+            log(f"{len(people)} visitors connected")
+            t0 = time.monotonic()
+            gens = [pool.submit(_generate, people[k], k, steps, model, timeout) for k in range(clients)]
             time.sleep(2.0 if clients else 0.0)  # the generations queue first, then the class types
-            parses_ = [pool.submit(_parse, url, k, min(timeout, 120.0)) for k in range(parses)]
+            sessions = [getattr(c, "session_hash", None) or f"visitor{k}" for k, c in enumerate(people)] or [
+                f"visitor{k}" for k in range(40)]
+            parses_ = [pool.submit(_parse, url, k, sessions[k % len(sessions)], min(timeout, 120.0))
+                       for k in range(parses)]
             report.outcomes = [f.result() for f in gens + parses_]
         report.wall_s = time.monotonic() - t0
         report.rss_after_mb = _rss_mb(pid)

@@ -235,38 +235,51 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "…"
 
 
-def loss_plot(losses: dict, title: str = "guidance loss per step"):
-    """A small line plot of each loss term against the denoising step, as a PIL image."""
+LOSS_NOTE = {
+    "syngen_negative": "negative by design: minus distances to other words",
+    "divide_bind": "negative by design: -TV + binding divergence",
+}
+
+
+def loss_plot(losses: dict, title: str = "guidance loss per denoising pass"):
+    """Each loss term in its own panel against the denoising pass, the guided run solid and the same term
+    measured on the vanilla run dashed and drawn on top (lower is better), as a PIL image."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from PIL import Image
 
-    fig, ax = plt.subplots(figsize=(6, 2.6), dpi=100)
-    drawn = False
-    colours: dict[str, str] = {}
+    terms: dict[str, dict[str, list]] = {}
     for name, values in losses.items():
-        steps = [i + 1 for i, v in enumerate(values) if v is not None]
-        if not steps:
-            continue
-        # "run: term" keys: one colour per term, vanilla dashed, so the same term of both runs pairs up.
         run, _, term = name.rpartition(": ")
-        colour = colours.setdefault(term, f"C{len(colours) % 10}")
-        style = "--" if run == "vanilla" else "-"
-        ax.plot(steps, [values[i - 1] for i in steps], style, color=colour, marker="o" if style == "-" else None,
-                markersize=3, label=name)
-        drawn = True
-    if drawn:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no guidance loss (vanilla run)", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("denoising step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+        if any(v is not None for v in values):
+            terms.setdefault(term, {})[run or "guided"] = values
+    n = max(len(terms), 1)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 2.7), dpi=100, squeeze=False)
+    if not terms:
+        axes[0, 0].text(0.5, 0.5, "no guidance loss (vanilla run)", ha="center", va="center",
+                        transform=axes[0, 0].transAxes)
+        axes[0, 0].set_axis_off()
+    for ax, (term, runs) in zip(axes[0], terms.items()):
+        for run, style, colour, z in (("guided", "-", "#d62728", 2), ("vanilla", "--", "#1f77b4", 3)):
+            values = runs.get(run)
+            if values is None:
+                continue
+            steps = [i + 1 for i, v in enumerate(values) if v is not None]
+            ax.plot(steps, [values[i - 1] for i in steps], style, color=colour, lw=1.6, zorder=z,
+                    marker="o" if run == "guided" else None, markersize=2.5, label=run)
+        ax.set_title(term + ("\n" + LOSS_NOTE[term] if term in LOSS_NOTE else ""), fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("denoising pass", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("loss (lower is better)", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

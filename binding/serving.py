@@ -10,10 +10,15 @@ generator; its ``finally`` raises the flag, so the worker stops within a step in
 
 Models are loaded once per process and kept (``pipeline``): at start-up in the app, so a GPU slice is spent on
 generating, not loading (``gpu_seconds`` has no allowance for a load).
+
+Without ZeroGPU the app runs jobs in one ``Worker`` process of its own. Generation is CPU- and GIL-heavy; in the
+app's process it would starve the event loop, and a class typing prompts would wait seconds for each parse
+behind it. In a process of its own it competes only as the operating system lets it.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import queue
 import tempfile
@@ -23,7 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["Event", "Job", "cancel_requested", "gpu_seconds", "new_token", "pipeline", "request_cancel", "run_job"]
+__all__ = [
+    "Event",
+    "Job",
+    "Worker",
+    "cancel_requested",
+    "gpu_seconds",
+    "new_token",
+    "pipeline",
+    "request_cancel",
+    "run_job",
+]
 
 _CANCEL_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else \
     Path(tempfile.gettempdir())
@@ -114,9 +129,10 @@ def pipeline(model: str):
         return _PIPES[model]
 
 
-def run_job(job: Job) -> Iterator[Event]:
+def run_job(job: Job, stop=None) -> Iterator[Event]:
     """Vanilla and each method of ``job`` from its seed; yields progress after every denoising step and each
-    method's result as soon as it is done. Raises ``Cancelled`` when the job's flag is raised."""
+    method's result as soon as it is done. Raises ``Cancelled`` when the job's flag is raised (or ``stop()``
+    says so)."""
     from binding.guidance import GuidedSampler
 
     pipe = pipeline(job.model)
@@ -132,14 +148,14 @@ def run_job(job: Job) -> Iterator[Event]:
 
                 def report(p, k=k, method=method):
                     frac = (k + p.step / p.total) / len(methods)
-                    events.put(Event("progress", frac, f"{method}: step {p.step} of {p.total}"))
+                    events.put(Event("progress", frac, f"{method}: pass {p.step} of {p.total}"))
 
                 (result,) = sampler(
                     job.prompt, [job.seed], method, runs=(side,), terms=job.terms if method == "custom" else None,
                     steps=job.steps, intervention_steps=job.intervention_steps, step_size=job.step_size,
                     guidance_scale=job.guidance_scale, callback=report,
                     bindings=None if job.bindings is None else list(job.bindings),
-                    cancel=lambda: cancel_requested(job.token),
+                    cancel=lambda: cancel_requested(job.token) or bool(stop and stop()),
                 )
                 events.put(Event("result", (k + 1) / len(methods), method=method, result=result))
         except BaseException as exc:  # handed to the consumer, raised there
@@ -162,6 +178,114 @@ def run_job(job: Job) -> Iterator[Event]:
             request_cancel(job.token)
             thread.join()
         clear_cancel(job.token)
+
+
+_DONE = "done"
+_READY = "ready"
+
+
+def _work_loop(jobs, events, preload: str | None, parent: int) -> None:
+    """The worker process: load ``preload``, then run each job and send its events, then ``(token, _DONE)``.
+
+    It ends when the app does (its parent gone: a killed app must not leave a worker drawing for nobody).
+    """
+    import torch
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    torch.set_num_threads(max(1, int(os.environ.get("BINDING_WORKER_THREADS", torch.get_num_threads()))))
+    if preload:
+        try:
+            pipeline(preload)
+        except Exception:  # the first job that needs it reports why
+            pass
+    events.put(("", _READY))
+    while not orphaned():
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if job is None:
+            return
+        try:
+            for event in run_job(job, stop=orphaned):
+                events.put((job.token, event))
+            events.put((job.token, _DONE))
+        except BaseException as exc:  # handed to the app, raised there
+            events.put((job.token, exc))
+
+
+class Worker:
+    """One process that owns the model and runs one job at a time; ``run`` yields its events in the caller.
+
+    Started once by the app (spawned, so it shares no threads or locks with the app's process); restarted if it
+    dies (out of memory, a crash), and that job then fails with a message instead of hanging.
+    """
+
+    def __init__(self, preload: str | None = None, ready_timeout: float = 900.0):
+        self.preload = preload
+        self.ready_timeout = ready_timeout
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        """Start the process and wait until its model is loaded, so the first visitor does not wait for it."""
+        ctx = mp.get_context("spawn")
+        self.jobs, self.events = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_work_loop, args=(self.jobs, self.events, self.preload, os.getpid()),
+                                daemon=True, name="binding-worker")
+        self.proc.start()
+        try:
+            token, item = self.events.get(timeout=self.ready_timeout)
+        except queue.Empty:
+            raise RuntimeError(f"the generation worker was not ready within {self.ready_timeout:.0f} s") from None
+        if item != _READY:
+            raise RuntimeError(f"the generation worker sent {item!r} before it was ready")
+
+    def _next(self, timeout: float = 1.0):
+        while True:
+            try:
+                return self.events.get(timeout=timeout)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    code = self.proc.exitcode
+                    self._start()
+                    raise RuntimeError(f"the generation worker stopped (exit code {code}; out of memory?) and was "
+                                       "restarted: try again, with fewer steps or a smaller model") from None
+
+    def run(self, job: Job) -> Iterator[Event]:
+        with self._lock:
+            self.jobs.put(job)
+            finished = False
+            try:
+                while True:
+                    token, item = self._next()
+                    if token != job.token:
+                        continue  # left over from a job whose caller went away
+                    if item == _DONE:
+                        finished = True
+                        return
+                    if isinstance(item, BaseException):
+                        finished = True
+                        raise item
+                    yield item
+            finally:
+                if not finished:  # the caller stopped early: stop the job, then drain what it still sends
+                    request_cancel(job.token)
+                    try:
+                        while True:
+                            token, item = self._next(timeout=60.0)
+                            if token == job.token and (item == _DONE or isinstance(item, BaseException)):
+                                break
+                    except RuntimeError:
+                        pass
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.terminate()
 
 
 def gpu_seconds(job: Job) -> int:

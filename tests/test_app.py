@@ -58,7 +58,7 @@ def generate(client, prompt="a red apple and a green banana", rows=None, method=
 
 def test_generate_endpoint(client, tmp_path):
     vanilla, guided, summary, maps, caption, overlaps, loss_plot, files, seed, problems, stale = generate(client)
-    assert seed == 3 and "seed 3" in summary and "syngen" in summary and "Step 9 of 9" in caption
+    assert seed == 3 and "seed 3" in summary and "syngen" in summary and "Pass 9 of 9" in caption
     assert [r[0] for r in overlaps["data"]] == ["red → apple", "green → banana"]
     names = sorted(f.rsplit("/", 1)[-1] for f in files)
     assert names == ["guided-seed3.png", "run-seed3.zip", "side-by-side-seed3.png", "vanilla-seed3.png"]

@@ -92,7 +92,7 @@ def test_visitor_session(page):
     expect(page.locator("#summary")).to_contain_text("seed 0")
     page.get_by_role("tab", name="Maps").click()
     expect(page.locator("#heatmaps img")).to_be_visible()
-    expect(page.locator("#maps-caption")).to_contain_text("Step 9 of 9")
+    expect(page.locator("#maps-caption")).to_contain_text("Pass 9 of 9")
     page.screenshot(path=str(ARTIFACTS / "3-generated.png"), full_page=True)
     page.locator("#view-mode").get_by_text("guided steps").click()
     expect(page.locator("#maps-caption")).to_contain_text("guided steps")
@@ -108,6 +108,7 @@ def test_visitor_session(page):
 
 
 def test_compare_all_and_cancel(page):
+    page.get_by_role("tab", name="Parse & pairs").click()
     page.locator("#prompt textarea").fill("a red apple and a green banana")
     expect(cell(page, 1, 2)).to_contain_text("banana")
     settings_value(page, "steps", "4")

@@ -112,7 +112,7 @@ def test_run_view_end_to_end():
     assert all(0 <= row[2] <= 1 and 0 <= row[4] <= 1 for row in view.overlaps)
     assert view.grid.size[0] > 500
     maps = lab.maps_view(result, step=2, view="step", scale="shared")
-    assert "Step 2 of 7" in maps.caption and "one colour scale for all" in maps.caption
+    assert "Pass 2 of 7" in maps.caption and "one colour scale for all" in maps.caption
     content = lab.display_words(result_analysis := lab.prompt_view(result.prompt).analysis)
     assert [w.text for w in content] == ["red", "apple", "green", "banana"]  # no "a", "and"
     assert len(lab.display_words(result_analysis, function_words=True)) == 7
