@@ -279,6 +279,20 @@ def cmd_teach_score(args) -> int:
     return 0
 
 
+def cmd_teach_examples(args) -> int:
+    from binding.evaluation.report import rows_from_eval, shapes_examples
+    from binding.storage import atomic_write_text
+
+    rows = rows_from_eval(args.from_eval)
+    methods = [m for m in args.methods if m != "vanilla" and any(r["method"] == m for r in rows)]
+    if args.lesson_method not in methods:
+        raise CommandError(f"{args.from_eval} has no {args.lesson_method} items to choose the lesson from")
+    table = shapes_examples(rows, methods, args.lesson_method)
+    atomic_write_text(args.to, json.dumps(table, indent=1))
+    print(f"wrote {args.to}: examples {table['examples']}; lesson {table['lesson']}")
+    return 0
+
+
 def cmd_teach_check_scorer(args) -> int:
     """The scorer's accuracy on ground-truth renders (clean and degraded) and on the shapes model's VAE round
     trips: how far its verdicts can be trusted, and the ceiling of any score the model can get."""
@@ -449,6 +463,13 @@ def _add_teach(sub) -> None:
     sc.add_argument("--threads", type=int, default=None)
     sc.add_argument("--json", action="store_true", help="print the summary as JSON")
     sc.set_defaults(func=cmd_teach_score)
+
+    exm = tsub.add_parser("examples", help="the app's measured examples and lesson from a held-out evaluation")
+    exm.add_argument("--from-eval", required=True, metavar="DIR", help="eval --set shapes --model shapes --out DIR")
+    exm.add_argument("--methods", type=_methods, default=list(EVAL_METHODS), help="comma-separated")
+    exm.add_argument("--lesson-method", default="syngen", help="the method the lesson shows (default syngen)")
+    exm.add_argument("--to", default="assets/shapes/examples.json", help="where to write (default: beside the model)")
+    exm.set_defaults(func=cmd_teach_examples)
 
     ck = tsub.add_parser("check-scorer", help="the scorer's accuracy on ground-truth renders and on the model's VAE")
     ck.add_argument("--n", type=int, default=1000, help="scenes per condition (default 1000)")

@@ -29,6 +29,7 @@ __all__ = [
     "plot_summary",
     "prompt_grid",
     "rows_from_eval",
+    "shapes_examples",
     "shapes_rates",
     "summarize",
     "write_report",
@@ -313,6 +314,35 @@ def rows_from_eval(out: str | Path) -> list[dict]:
         raise ValueError(f"{out} holds no shapes scores: run `python -m binding eval --set shapes --model shapes "
                          f"--out {out}` first")
     return rows
+
+
+def shapes_examples(rows: Sequence[dict], methods: Sequence[str], lesson_method: str, n_examples: int = 6) -> dict:
+    """The teaching model's measured examples for the app (``assets/shapes/examples.json``).
+
+    For each prompt: over its seeds, how often vanilla misses or leaks, and how many of those each method fixes
+    (bound where vanilla was not), and a telling seed (one the lesson method fixes, else a vanilla leak). The
+    ``examples`` are the prompts the lesson method fixes most often; the ``lesson`` is the first of them, on a
+    seed where vanilla leaked a colour and the method bound every object.
+    """
+    index = {(r["method"], r["prompt"], r["seed"]): r for r in rows}
+    prompts: dict[str, dict] = {}
+    for prompt in dict.fromkeys(r["prompt"] for r in rows):
+        seeds = sorted({r["seed"] for r in rows if r["prompt"] == prompt and r["method"] == "vanilla"})
+        unbound = [s for s in seeds if not index[("vanilla", prompt, s)]["bound_all"]]
+        fixed = {m: [s for s in unbound if index.get((m, prompt, s), {}).get("bound_all")] for m in methods}
+        leaks = [s for s in seeds if index[("vanilla", prompt, s)]["leak_any"]]
+        telling = [s for s in fixed.get(lesson_method, []) if s in leaks] or fixed.get(lesson_method) or leaks or seeds
+        prompts[prompt] = {"seeds": len(seeds), "vanilla_unbound": len(unbound),
+                           "fixed": {m: len(v) for m, v in fixed.items()}, "seed": telling[0] if telling else 0}
+    ranked = sorted(prompts, key=lambda p: (-prompts[p]["fixed"].get(lesson_method, 0), p))
+    examples = ranked[:n_examples]
+    def shows_the_fix(p: str) -> bool:  # its telling seed leaks in vanilla and is bound by the method
+        s = prompts[p]["seed"]
+        return bool(index.get((lesson_method, p, s), {}).get("bound_all") and index[("vanilla", p, s)]["leak_any"])
+
+    lesson = next((p for p in ranked if shows_the_fix(p)), examples[0] if examples else None)
+    return {"method": lesson_method, "examples": examples, "prompts": prompts,
+            "lesson": {"prompt": lesson, "seed": prompts[lesson]["seed"] if lesson else 0, "method": lesson_method}}
 
 
 def picture_grid(eval_out: str | Path, prompts: Sequence[int], seeds: Sequence[int], methods: Sequence[str]):

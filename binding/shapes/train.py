@@ -80,7 +80,8 @@ RECIPE_NOTES = {
                      "caption: v1 read 71-90% of its cross-attention there and bound colours caption-wide.",
     "padding_weight": "A text-encoder term keeps its EOT and padding outputs equal to the empty prompt's, so "
                       "the stock pipeline at inference feeds the UNet what it saw in training.",
-    "init_from": "Fine-tuned from the v1 model (its VAE and latent scale kept), within a 2-hour CPU budget.",
+    "init_from": "Its VAE and latent scale are kept; a fine-tune fits a 2-hour CPU budget, training afresh would not "
+                 "(v1 took 1.25 h of diffusion steps on 2 threads before it drew well).",
 }
 
 
@@ -139,21 +140,35 @@ def _hardware(device: torch.device) -> str:
 
 
 def loss_curve(history: dict[str, list], path: str | Path) -> Path:
-    """The training losses of both phases as a PNG (log scale): what the model card shows."""
+    """The training losses as a PNG (log scale): the VAE's, the diffusion loss, and the recipe's extra terms
+    (grounding, padding) when the run had them. What the model card shows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
-    for ax, phase, what in ((axes[0], "vae", "VAE: reconstruction MSE"),
-                            (axes[1], "diffusion", "UNet + text encoder: noise-prediction MSE")):
+    terms = history.get("terms") or []
+    panels = [("vae", "VAE: reconstruction MSE"), ("diffusion", "UNet + text encoder: noise-prediction MSE")]
+    panels = [pn for pn in panels if history.get(pn[0])] or panels[1:]
+    n = len(panels) + bool(terms)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), dpi=100, squeeze=False)
+    for ax, (phase, what) in zip(axes[0], panels):
         rows = history.get(phase) or []
         if rows:
             ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1.2, color="#1f77b4")
             ax.set_yscale("log")
         ax.set_title(what, fontsize=10)
         ax.set_xlabel("step")
+        ax.grid(alpha=0.3, which="both")
+    if terms:
+        ax = axes[0, -1]
+        for k, name in enumerate(sorted({k for _, row in terms for k in row})):
+            pts = [(step, row[name]) for step, row in terms if name in row]
+            ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], lw=1.2, color=f"C{k + 1}", label=name)
+        ax.set_yscale("log")
+        ax.set_title("recipe v2 terms (unweighted)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     path = Path(path)
@@ -661,10 +676,10 @@ and every pair of objects of the 28 scoring prompts `binding.shapes.world.HELDOU
 
 ## Training
 
-- Command: `python -m binding teach train --out DIR` (resumable; recipe in `binding/teach.py`).
-- Phase 1, VAE: {cfg.vae_steps} steps at batch {cfg.vae_batch_size}, AdamW lr {cfg.vae_lr} cosine-decayed to
-  {cfg.vae_lr * cfg.vae_lr_floor:g}, MSE +
-  {cfg.kl_weight} KL; {tr.elapsed["vae"] / 60:.1f} min in training steps; final loss {vae_loss:.5f}. The scorer reads
+{_recipe_section(tr)}
+- Command: `python -m binding teach train --out DIR{" --init-from " + cfg.init_from if cfg.init_from else ""}` (resumable;
+  recipe in `binding/shapes/train.py`).
+- Phase 1, VAE: {_vae_line(tr, vae_loss)} The scorer reads
   {rt.get("correct", "?")}/{rt.get("objects", "?")} objects right from VAE round trips (the ceiling of any score).
 - Phase 2, diffusion: {tr.step} of {cfg.steps} steps at batch {cfg.batch_size}, AdamW lr {cfg.lr} (warm-up
   {cfg.warmup_steps}, then constant), weight decay {cfg.weight_decay}, min-SNR gamma {cfg.snr_gamma},
@@ -680,6 +695,32 @@ and every pair of objects of the 28 scoring prompts `binding.shapes.world.HELDOU
 `python -m binding teach score --out DIR` on the held-out prompts gives, per method, the rate of images with
 every object present and with every object in its own colour, paired by seed with vanilla, with 95% intervals.
 """
+
+
+def _vae_line(tr: Trainer, vae_loss: float) -> str:
+    cfg = tr.cfg
+    if tr.base is not None and not tr.history.get("vae"):
+        return f"the base model's (`{tr.base.get('folder')}`), kept as it was, with its latent scale."
+    return (f"{cfg.vae_steps} steps at batch {cfg.vae_batch_size}, AdamW lr {cfg.vae_lr} cosine-decayed to "
+            f"{cfg.vae_lr * cfg.vae_lr_floor:g}, MSE + {cfg.kl_weight} KL; {tr.elapsed['vae'] / 60:.1f} min in training "
+            f"steps; final loss {vae_loss:.5f}.")
+
+
+def _recipe_section(tr: Trainer) -> str:
+    """The recipe's terms, each with its setting and why it is there (``RECIPE_NOTES``)."""
+    cfg = tr.cfg
+    lines = []
+    if tr.base is not None:
+        steps = tr.base.get("diffusion_steps")
+        lines.append(f"- Fine-tuned from `{tr.base.get('folder')}` (recipe v1, {steps or '?'} diffusion steps). "
+                     + RECIPE_NOTES["init_from"])
+    settings = {"ground_nouns": f"weight {cfg.ground_nouns} (pixel BCE {cfg.ground_pixel})",
+                "ground_colours": f"weight {cfg.ground_colours}",
+                "blank_padding": "on" if cfg.blank_padding else "off",
+                "padding_weight": f"weight {cfg.padding_weight}"}
+    for name, value in settings.items():
+        lines.append(f"- `{name}`: {value}. {RECIPE_NOTES[name]}")
+    return "\n".join(lines)
 
 
 def _thin(hist: list, n: int) -> list:
