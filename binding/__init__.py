@@ -14,7 +14,8 @@ The flow, one module per stage::
     render      parse SVG, heatmap overlays, plots
     lab         what the app shows, as plain functions
 
-Around it: ``bench`` (cost of each method against its floor), ``evaluation`` (prompt sets, the resumable
+Around it: ``bench`` (cost of each method against its floor; the GPU check), ``architectures`` (SD 1.5 and SD
+2.1-base with random weights, for real-scale figures offline), ``evaluation`` (prompt sets, the resumable
 grid, metrics, reports), ``shapes`` (a teaching model trained on a world of coloured shapes whose pictures can
 be scored exactly) and ``cli`` (``python -m binding``). ``pipelines`` holds what every pipeline shares.
 """

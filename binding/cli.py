@@ -177,14 +177,56 @@ def cmd_generate(args) -> int:
     return 0
 
 
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+           "bf16": "bfloat16"}
+
+
+def _dtype(text: str):
+    import torch
+
+    if text.lower() not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(_DTYPES)}, not {text!r}")
+    return getattr(torch, _DTYPES[text.lower()])
+
+
 def cmd_bench(args) -> int:
     from binding.bench import format_report, run_benchmark
 
-    if args.steps is not None and args.steps < 1 or args.repeats < 1:
-        raise CommandError("--steps and --repeats must be at least 1")
-    report = run_benchmark(args.model, steps=args.steps or 50, repeats=args.repeats, prompt=args.prompt,
-                           device=args.device)
+    _threads(args)
+    for flag in ("steps", "size", "max_refinement"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise CommandError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.repeats < 1:
+        raise CommandError("--repeats must be at least 1")
+    if args.gpu_check:
+        return _gpu_check(args)
+    if args.dry_run:
+        raise CommandError("--dry-run goes with --gpu-check")
+    report = run_benchmark(args.model_given or "tiny", steps=args.steps or 50, repeats=args.repeats, prompt=args.prompt,
+                           device=args.device, size=args.size, dtype=args.dtype, warmup=not args.no_warmup,
+                           max_refinement=args.max_refinement, diffusers_ae=not args.no_diffusers_ae)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
+    return 0
+
+
+def _gpu_check(args) -> int:
+    """Exit 0 when every stage ran finite and in the right dtypes, 1 (with the reason on stderr) otherwise."""
+    from binding.bench import CheckFailed, format_generations, gpu_check
+    from binding.guidance import GuidanceError
+
+    what = "GPU check (dry run on the CPU)" if args.dry_run else "GPU check"
+    overrides = {k: v for k, v in (("model", args.model_given), ("size", args.size), ("dtype", args.dtype),
+                                   ("device", args.device)) if v is not None}
+    try:
+        check = gpu_check(dry_run=args.dry_run, steps=args.steps, log=lambda m: print(m, flush=True), **overrides)
+    except (CheckFailed, GuidanceError, RuntimeError, TypeError) as exc:  # NaN, dtype or device errors
+        print(f"{what} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
+    print(format_generations(check), flush=True)
+    if args.json:
+        print(json.dumps(check, default=str), flush=True)
+    print(f"{what} passed in {check['seconds']:.0f} s: no NaN, UNet in {check['bench']['settings']['dtype']}, "
+          "loss and update in float32", flush=True)
     return 0
 
 
@@ -370,12 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     from binding.bench import DEFAULT_PROMPT
 
-    b = sub.add_parser("bench", help="time vanilla, each method, diffusers' pipelines and each method's cost floor")
-    b.add_argument("--model", default="tiny")
-    b.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    b = sub.add_parser("bench", help="time vanilla, each method, diffusers' pipelines and each method's cost floor; "
+                                     "--gpu-check: the fp16 check for a GPU machine")
+    b.add_argument("--model", default=None, dest="model_given",
+                   help="a preset or folder (default tiny); arch:sd-1.5 and arch:sd-2.1-base are the real "
+                        "architectures with random weights")
+    b.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; the GPU check's: 50, dry run 3)")
+    b.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    b.add_argument("--dtype", type=_dtype, default=None, help="float32, float16 or bfloat16 (default: fp16 on CUDA, "
+                                                                "fp32 on a CPU)")
     b.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds after one warm-up (median reported)")
+    b.add_argument("--no-warmup", action="store_true",
+                   help="no per-configuration warm-up (for 512 px on a CPU, where a pass takes tens of seconds)")
+    b.add_argument("--max-refinement", type=int, default=None,
+                   help="cap every refinement at this many iterations (random-weight models run to the caps)")
+    b.add_argument("--no-diffusers-ae", action="store_true",
+                   help="leave out diffusers' Attend-and-Excite (it materialises every layer's attention)")
     b.add_argument("--prompt", default=DEFAULT_PROMPT)
     b.add_argument("--device", default=None)
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is best on a shared machine)")
+    b.add_argument("--gpu-check", action="store_true",
+                   help="arch:sd-1.5 at 512 px, fp16 UNet, every method: probes that fail on NaN or a dtype error, the "
+                        "bench table, peak CUDA memory, time against the ZeroGPU reservation; exit 1 on a failure")
+    b.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same path on tiny on the CPU")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

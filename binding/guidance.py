@@ -653,6 +653,9 @@ class GuidedSampler:
 
     def _descend(self, z: torch.Tensor, total: torch.Tensor, alpha: float, trace: _Trace | None) -> torch.Tensor:
         (grad,) = torch.autograd.grad(total, [z])
+        if total.dtype != torch.float32 or grad.dtype != torch.float32:  # the invariant under a half-precision UNet
+            raise GuidanceError(f"the guidance loss and update must be float32, got a {total.dtype} loss and a "
+                                f"{grad.dtype} gradient")
         if trace is not None:
             trace.backward_passes += 1
         return (z - alpha * grad).detach().requires_grad_(True)

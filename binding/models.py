@@ -1,4 +1,5 @@
-"""Model presets and loading: a hub id, a local diffusers folder, or an offline model (``shapes``, ``tiny``).
+"""Model presets and loading: a hub id, a local diffusers folder, or an offline model (``shapes``, ``tiny``,
+``arch:*``).
 
 Every fact about a preset (where it comes from, what it is, its native resolution) lives in ``PRESETS`` and
 nowhere else. ``load_pipeline`` turns a preset name or a folder into a ready ``StableDiffusionPipeline``:
@@ -13,6 +14,10 @@ The ``tiny`` model is Stable Diffusion's architecture in miniature with random w
 tiny pipeline in diffusers' own tests, sized like SD in its layout: cross-attention at two UNet levels,
 a mid block, PNDM). It is built in code from a fixed seed, so it needs no download and is bit-identical on
 every run and machine. Its images are noise; it exists to exercise and test the mechanics offline.
+
+The ``arch:*`` models are real Stable Diffusion architectures (SD 1.5, SD 2.1-base) with random weights, built
+from their published configurations (``binding.architectures``): real-scale timing and memory with no
+download, for the benchmark and the GPU check. They are not offered in the app (``Preset.in_app``).
 """
 
 from __future__ import annotations
@@ -54,7 +59,10 @@ class Preset:
     repo: str | None  # Hugging Face hub id; None for an offline model (shipped or built in code)
     description: str
     resolution: int  # default image side in pixels
-    builder: str | None = None  # offline models: "shapes" (assets/shapes) or "tiny" (built from a seed)
+    # offline models: "shapes" (assets/shapes), "tiny" (built from a seed) or "arch" (``architecture``, a key of
+    # ``binding.architectures.ARCHITECTURES``, with random weights)
+    builder: str | None = None
+    architecture: str | None = None
     # The model's own defaults where the papers' do not fit it: {"*": every method, METHOD: that method}, each
     # a dict of settings (steps, intervention_steps, step_size, guidance_scale); see ``binding.settings``.
     defaults: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
@@ -125,6 +133,25 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset("sd-2.1-base", "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512 px)", 512,
                examples=EVERYDAY_EXAMPLES),
+        Preset(
+            "arch:sd-1.5",
+            None,
+            "SD 1.5's architecture (860M-parameter UNet, CLIP ViT-L/14) with random weights: benchmarks and tests",
+            512,
+            builder="arch",
+            architecture="sd-1.5",
+            in_app=False,
+        ),
+        Preset(
+            "arch:sd-2.1-base",
+            None,
+            "SD 2.1-base's architecture (OpenCLIP ViT-H text encoder) with random weights: benchmarks and tests",
+            512,
+            builder="arch",
+            architecture="sd-2.1-base",
+            in_app=False,
+        ),
+        # "arch:sdxl" (1024 px): a later issue; see binding.architectures.
     )
 }
 
@@ -155,7 +182,8 @@ def describe(name_or_path: str) -> str:
     """One line for a banner: what the model is and where it comes from."""
     p = preset(name_or_path)
     if p is not None:
-        where = {"shapes": "shipped in assets/shapes, offline", "tiny": "built in, offline"}.get(p.builder, p.repo)
+        where = {"shapes": "shipped in assets/shapes, offline", "tiny": "built in, offline",
+                 "arch": "built in from the published configuration, random weights, offline"}.get(p.builder, p.repo)
         return f"{p.name}: {p.description} [{where}, {p.resolution} px]"
     return f"{name_or_path}: local diffusers Stable Diffusion checkpoint"
 
@@ -331,6 +359,10 @@ def load_pipeline(
     p = preset(name_or_path)
     if p is not None and p.builder == "tiny":
         pipe = build_tiny_pipeline()
+    elif p is not None and p.builder == "arch":
+        from binding.architectures import build_arch_pipeline
+
+        pipe = build_arch_pipeline(p.architecture, device=device, dtype=dtype)  # built in place: no fp32 copy
     elif p is not None and p.builder == "shapes":
         from binding.shapes.model import build_shapes_pipeline
 

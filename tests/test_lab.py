@@ -50,6 +50,7 @@ def test_edited_rows_switched_off_and_problems():
     [
         ({"prompt": "  "}, "prompt is empty"),
         ({"model": "sd-9"}, "Model 'sd-9' is not offered here"),
+        ({"model": "arch:sd-1.5"}, "is not offered here"),  # random weights: benchmarks only
         ({"method_label": "Magic"}, "Unknown method"),
         ({"terms": ["telepathy"]}, "Unknown loss term"),
         ({"steps": 0}, "inference steps must be from 1 to"),
