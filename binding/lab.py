@@ -543,21 +543,23 @@ def shapes_verdict(image, prompt: str, s: dict | None = None) -> str | None:
     except ValueError:
         return None
     s = s if s is not None else score_image(image, objects)
-    seen = ", ".join(f"{d['colour']} {d['shape']}" for d in s["detections"]) or "nothing"
+    seen = ", ".join("unclear" if d["unclear"] or d["shape"] == "other" else f"{d['colour']} {d['shape']}"
+                     for d in s["detections"]) or "nothing"
     if s["bound_all"]:
         verdict = "every object in its own colour ✓"
     else:
+        says = {"leak": "took another object's colour (leak)", "unclear": "is unclear (two colours or no clear shape)"}
         problems = []
-        for (colour, shape), present, bound, leaked in zip(objects, s["present"], s["bound"], s["leaked"]):
-            if bound:
+        for (colour, shape), state in zip(objects, s["states"]):
+            if state == "bound":
                 continue
-            if leaked:
-                problems.append(f"the {shape} took another object's colour (leak)")
-            elif present:
+            if state == "missing":
+                problems.append(f"no {shape}")
+            elif state == "wrong":
                 problems.append(f"the {shape} is not {colour}")
             else:
-                problems.append(f"no {shape}")
-        verdict = "; ".join(problems) + " ✗"
+                problems.append(f"the {shape} {says[state]}")
+        verdict = "; ".join(problems) + (" ?" if all(st in ("bound", "unclear") for st in s["states"]) else " ✗")
     return f"sees {seen} → {verdict}"
 
 

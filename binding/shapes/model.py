@@ -52,7 +52,8 @@ __all__ = [
 
 SHAPES_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "shapes"
 # The recipe fields of v2 with the values v1 (the first shipped model) was trained with.
-LEGACY_RECIPE = dict(ground_nouns=0.0, ground_colours=0.0, ground_pixel=0.0, blank_padding=False, padding_weight=0.0)
+LEGACY_RECIPE = dict(ground_nouns=0.0, ground_colours=0.0, ground_pixel=0.0, blank_padding=False, padding_weight=0.0,
+                     lr_schedule="constant")
 
 # -------------------------------------------------------------------------------------------- config
 
@@ -88,6 +89,7 @@ class ShapesConfig:
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 500
+    lr_schedule: str = "constant"  # or "cosine": see binding.shapes.train.TRAIN_OPTIONS
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # half-life ~700 steps: a CPU run of a few thousand steps still averages its late weights

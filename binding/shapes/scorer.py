@@ -37,8 +37,8 @@ import numpy as np
 from binding.shapes.world import COLOURS, SHAPES, parse_caption
 
 __all__ = [
-    "DEGRADATIONS", "Detection", "accuracy", "classify", "colour_labels", "degrade", "detect", "score_image",
-    "shape_features",
+    "DEGRADATIONS", "Detection", "STATES", "UNCLEAR", "accuracy", "classify", "colour_labels", "degrade", "detect",
+    "object_states", "reading", "score_image", "shape_features", "vae_reader",
 ]
 
 MIN_SATURATION = 0.12  # below this the hue is noise (the white background's grain)
@@ -60,6 +60,8 @@ PROTOTYPES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 MIN_SPREAD = 0.02
 MAX_DISTANCE = 4.0  # RMS z-score beyond which a blob is no shape of the world ("other")
+UNCLEAR_DISTANCE = 3.0  # beyond this the shape is a guess: said to be unclear
+COLOUR_SHARE = 0.7  # an object whose commonest colour covers less of it is two-coloured: unclear
 assert tuple(PROTOTYPES) == SHAPES
 
 
@@ -95,6 +97,8 @@ class Detection:
     area: int
     features: tuple[float, ...]  # FEATURES
     distance: float  # to the chosen prototype, in feature scales (large: an odd shape)
+    colour_share: float = 1.0  # of the blob's pixels in its colour
+    unclear: str = ""  # "", "colour" (several colours) or "shape" (no clear shape)
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -108,6 +112,8 @@ class Detection:
             "area": self.area,
             "features": [round(f, 4) for f in self.features],
             "distance": round(self.distance, 3),
+            "colour_share": round(self.colour_share, 3),
+            "unclear": self.unclear,
         }
 
 
@@ -229,75 +235,126 @@ def classify(features: Sequence[float]) -> tuple[str, float]:
     return (best if best_z <= MAX_DISTANCE else "other"), best_z
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with its holes filled: background not connected to the border becomes inside (the world's
+    shapes have no holes; a decoder's pale patch inside an object is not a hole of its shape)."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    sub = np.pad(mask[y0:y1, x0:x1], 1)
+    outside = _components(~sub)
+    border = set(np.unique(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]))) - {0}
+    filled = ~np.isin(outside, list(border))
+    out = mask.copy()
+    out[y0:y1, x0:x1] = filled[1:-1, 1:-1]
+    return out
+
+
 def detect(image, min_area: int | None = None) -> list[Detection]:
-    """The objects in an RGB image (PIL or uint8/float array), largest first."""
+    """The objects in an RGB image (PIL or uint8/float array), largest first.
+
+    An object is a connected blob of foreground of any colours (so one object drawn in two colours stays one
+    object), with its holes filled for its shape; its colour is its commonest palette colour. A blob whose
+    commonest colour covers less than ``COLOUR_SHARE`` of it, or whose outline is far from every shape, is
+    *unclear*: the scorer says so instead of guessing.
+    """
     labels = colour_labels(image)
     h, w = labels.shape
     min_area = int(round(MIN_AREA_FRACTION * h * w)) if min_area is None else int(min_area)
+    comp = _components(labels >= 0)
     found: list[Detection] = []
-    for k in np.unique(labels):
-        if k < 0:
+    ids, counts = np.unique(comp[comp > 0], return_counts=True)
+    for i, n in zip(ids, counts):
+        if n < min_area:
             continue
-        comp = _components(labels == k)
-        ids, counts = np.unique(comp[comp > 0], return_counts=True)
-        for i, n in zip(ids, counts):
-            if n < min_area:
-                continue
-            mask = comp == i
-            ys, xs = np.nonzero(mask)
-            feats = shape_features(mask)
-            shape, dist = classify(feats)
-            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            found.append(Detection(COLOUR_NAMES[k], shape, box, int(n), feats, dist))
+        mask = comp == i
+        colours = np.bincount(labels[mask], minlength=len(COLOUR_NAMES))
+        k = int(colours.argmax())
+        share = float(colours[k] / n)
+        solid = _fill_holes(mask)
+        ys, xs = np.nonzero(solid)
+        feats = shape_features(solid)
+        shape, dist = classify(feats)
+        unclear = "colour" if share < COLOUR_SHARE else "shape" if shape == "other" or dist > UNCLEAR_DISTANCE else ""
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        found.append(Detection(COLOUR_NAMES[k], shape, box, int(n), feats, dist, share, unclear))
     found.sort(key=lambda d: (-d.area, d.box))
     return found
 
 
+UNCLEAR = "?"
+STATES = ("bound", "leak", "wrong", "unclear", "missing")
+
+
+def object_states(objects, seen) -> list[str]:
+    """Each caption object's state from what is seen, ``(colour, shape)`` pairs where either may be ``UNCLEAR``:
+    *bound* (its shape in its colour), *leak* (its shape in another caption object's colour), *wrong* (its shape
+    in a colour of no object), *unclear* (its shape in no clear colour, or a blob of no clear shape left for it),
+    *missing*. Exact matches claim their blobs first; one blob serves one object. The same rules read a
+    person's labels (``tests/data/scorer_audit``), so the two can be compared."""
+    seen = [tuple(x) for x in seen]
+    free = list(range(len(seen)))
+    out: list[str | None] = [None] * len(objects)
+    colours = [c for c, _ in objects]
+    for j, (c, sh) in enumerate(objects):
+        for i in free:
+            if seen[i] == (c, sh):
+                out[j] = "bound"
+                free.remove(i)
+                break
+    for j, (c, sh) in enumerate(objects):
+        if out[j]:
+            continue
+        same = [i for i in free if seen[i][1] == sh]
+        if same:
+            others = [i for i in same if seen[i][0] in colours and seen[i][0] != c]
+            unclear = [i for i in same if seen[i][0] == UNCLEAR]
+            i = (others or unclear or same)[0]
+            out[j] = "leak" if others else "unclear" if unclear else "wrong"
+            free.remove(i)
+            continue
+        shapeless = [i for i in free if seen[i][1] == UNCLEAR]
+        if shapeless:
+            out[j] = "unclear"
+            free.remove(shapeless[0])
+            continue
+        out[j] = "missing"
+    return out  # type: ignore[return-value]
+
+
+def reading(d: Detection) -> tuple[str, str]:
+    """What a detection says, with ``UNCLEAR`` where the scorer will not guess."""
+    return (UNCLEAR if d.unclear == "colour" else d.colour,
+            UNCLEAR if d.unclear == "shape" or d.shape == "other" else d.shape)
+
+
 def score_image(image, caption_objects, detections: list[Detection] | None = None) -> dict:
-    """How an image renders its caption: presence and binding of each object, leaks, extras.
+    """How an image renders its caption: each object's state (``object_states``) and the image's verdicts.
 
     ``caption_objects``: a caption of the world's grammar or a list of (colour, shape). Returns ``present_all``
-    (every object's shape is there), ``bound_all`` (every object is there in its own colour), per-object
-    ``present``/``bound``/``leaked`` lists, ``leak_any``, ``extra`` (blobs no object claimed) and the detections.
+    (every object's shape is there), ``bound_all`` (every object clearly there in its own colour), per-object
+    ``states`` and ``present``/``bound``/``leaked``/``unclear`` lists, ``leak_any``, ``unclear_any``, ``extra``
+    (blobs no object claimed) and the detections.
     """
     if isinstance(caption_objects, str):
         objects = parse_caption(caption_objects)
     else:
         objects = [tuple(o) for o in caption_objects]
     dets = detect(image) if detections is None else detections
-    free = list(range(len(dets)))
-    bound = [False] * len(objects)
-    for j, (c, s) in enumerate(objects):  # exact matches claim their blobs first
-        for i in free:
-            if dets[i].pair == (c, s):
-                bound[j] = True
-                free.remove(i)
-                break
-    present = list(bound)
-    leaked = [False] * len(objects)
-    colours = [c for c, _ in objects]
-    other_colours = [{c2 for k, c2 in enumerate(colours) if k != j and c2 != c} for j, c in enumerate(colours)]
-    for j, (_, s) in enumerate(objects):
-        if bound[j]:
-            continue
-        candidates = [i for i in free if dets[i].shape == s]
-        if candidates:
-            # prefer a blob in another object's colour: that is the leak this object suffered
-            leaking = [i for i in candidates if dets[i].colour in other_colours[j]]
-            i = (leaking or candidates)[0]
-            present[j] = True
-            leaked[j] = bool(leaking)
-            free.remove(i)
+    states = object_states(objects, [reading(d) for d in dets])
+    claimed = sum(st != "missing" for st in states)
     return {
         "objects": [list(o) for o in objects],
-        "present": present,
-        "bound": bound,
-        "leaked": leaked,
-        "present_all": all(present),
-        "bound_all": all(bound),
-        "leak_any": any(leaked),
+        "states": states,
+        "present": [st != "missing" for st in states],
+        "bound": [st == "bound" for st in states],
+        "leaked": [st == "leak" for st in states],
+        "unclear": [st == "unclear" for st in states],
+        "present_all": all(st != "missing" for st in states),
+        "bound_all": all(st == "bound" for st in states),
+        "leak_any": any(st == "leak" for st in states),
+        "unclear_any": any(st == "unclear" for st in states),
         "n_detected": len(dets),
-        "extra": len(free),
+        "extra": max(0, len(dets) - claimed),
         "detections": [d.to_dict() for d in dets],
     }
 

@@ -57,6 +57,7 @@ TRAIN_OPTIONS = {
     "batch_size": "diffusion batch (fixed for a run)",
     "checkpoint_every": "steps between checkpoints",
     "lr": "diffusion learning rate",
+    "lr_schedule": "constant (a run can be extended) or cosine (an anneal to a tenth of lr by the last step)",
     "warmup_steps": "linear warm-up steps of the learning rate",
     "init_from": "fine-tune an exported shapes model (e.g. assets/shapes): its VAE is kept, phase 1 skipped",
     "ground_nouns": "weight of the nouns' grounding term (0 = off)",
@@ -400,6 +401,8 @@ class Trainer:
         for name, value in terms.items():
             loss = loss + weights[name] * value
         lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+        if cfg.lr_schedule == "cosine":  # an anneal: down to a tenth of the rate at the last step
+            lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, self.step / max(1, cfg.steps))))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
