@@ -29,7 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a classroom or off
 
 import gradio as gr
 
-from binding import lab, serving
+from binding import lab, lesson, serving, views
 from binding.analysis import load_parser
 from binding.guidance import Cancelled, GuidanceError
 from binding.methods import METHODS, PAPERS
@@ -178,12 +178,12 @@ def generate(prompt, rows, model, method_label, terms, steps, intervention_steps
     if len(results) < 2:
         return
     result = lab.pair_result(results, request_.method)
-    view = lab.run_view(result)
-    maps = lab.maps_view(result)
-    files = lab.downloads(result, str(_session_dir(request, fresh=True)))
+    view = views.run_view(result)
+    maps = views.maps_view(result)
+    files = views.downloads(result, str(_session_dir(request, fresh=True)))
     state = {"prompt": result.prompt, "result": result, "compare": None}
-    yield (display_image(lab.verdict_picture(result.vanilla_image, result.prompt)),
-           display_image(lab.verdict_picture(result.guided_image, result.prompt)), view.summary, maps.image,
+    yield (display_image(views.verdict_picture(result.vanilla_image, result.prompt)),
+           display_image(views.verdict_picture(result.guided_image, result.prompt)), view.summary, maps.image,
            maps.caption, view.overlaps, view.loss_plot, files, request_.seed, state, "", "")
 
 
@@ -193,12 +193,12 @@ def compare(prompt, rows, model, steps, guidance_scale, seed, randomize_seed, re
     each method at its own defaults on this model."""
     request_ = _request(prompt, rows, model, lab.DEFAULT_METHOD, sorted(METHODS["syngen"].terms), steps, None,
                         None, guidance_scale, seed, randomize_seed)
-    methods = lab.compare_methods(model)
+    methods = views.compare_methods(model)
     results = {}
     for event in _events(request_.job(methods), progress):
         if event.kind == "result":
             results[event.method] = event.result
-            image, rows_ = lab.compare_view(results, request_.prompt)
+            image, rows_ = views.compare_view(results, request_.prompt)
             yield image, rows_, request_.seed
     if not results:
         yield gr.update(), gr.update(), gr.update()
@@ -206,13 +206,13 @@ def compare(prompt, rows, model, steps, guidance_scale, seed, randomize_seed, re
 
 def on_steps_range(state):
     """After a run: the step slider spans its steps (a separate, private event, so the API returns numbers)."""
-    n = 0 if not state or state.get("result") is None else lab.n_steps(state["result"])
+    n = 0 if not state or state.get("result") is None else views.n_steps(state["result"])
     return gr.update(minimum=1, maximum=max(n, 2), value=max(n, 1), interactive=n > 1)
 
 
 def on_layers(state):
     names = [] if not state or state.get("result") is None else state["result"].settings.get("read_layers") or []
-    return gr.update(choices=lab.layer_choices(names), value=[])
+    return gr.update(choices=views.layer_choices(names), value=[])
 
 
 def on_maps(state, step, view, scale, mask, function_words, layers, opacity):
@@ -221,18 +221,18 @@ def on_maps(state, step, view, scale, mask, function_words, layers, opacity):
         return gr.update(), gr.update(), gr.update()
     result = state["result"]
     names = result.settings.get("read_layers") or []
-    shown = lab.layer_choices(names)
+    shown = views.layer_choices(names)
     chosen = [names[shown.index(c)] for c in (layers or []) if c in shown]
-    mv = lab.maps_view(result, int(step), view, scale, bool(mask), bool(function_words), chosen or None,
+    mv = views.maps_view(result, int(step), view, scale, bool(mask), bool(function_words), chosen or None,
                        float(opacity))
-    return mv.image, mv.caption, lab.run_view(result, int(step)).overlaps
+    return mv.image, mv.caption, views.run_view(result, int(step)).overlaps
 
 
 def on_animation(state, scale, mask, function_words, request: gr.Request = None):
     if not state or state.get("result") is None:
         raise gr.Error("Generate first: there are no maps to animate yet.")
     path = _session_dir(request) / f"maps-seed{state['result'].seed}.gif"
-    return lab.maps_animation(state["result"], str(path), scale=scale, mask=bool(mask),
+    return views.maps_animation(state["result"], str(path), scale=scale, mask=bool(mask),
                               function_words=bool(function_words))
 
 
@@ -253,14 +253,14 @@ def on_swap(prompt, old, new, rows, model, method_label, terms, steps, intervent
             yield gr.update(), gr.update(), gr.update()
     if len(results) == 2:
         r = lab.pair_result(results, request_.method)
-        yield (display_image(lab.verdict_picture(r.vanilla_image, swapped)),
-               display_image(lab.verdict_picture(r.guided_image, swapped)),
+        yield (display_image(views.verdict_picture(r.vanilla_image, swapped)),
+               display_image(views.verdict_picture(r.guided_image, swapped)),
                f"**{lab.md(swapped)}** · seed {r.seed} (the same start as the run above)")
 
 
 def on_lesson(k: int, model: str):
     """A lesson step: its text, its prompt and seed, and its pictures (computed once, then cached)."""
-    step = lab.lesson_step(k, model, run=_run_on_gpu)
+    step = lesson.lesson_step(k, model, run=_run_on_gpu)
     return step.text, step.prompt, step.seed, step.image
 
 
@@ -374,14 +374,14 @@ def build(model: str | None = None) -> gr.Blocks:
                 with gr.Row():
                     step_view = named(gr.Slider(1, 2, value=1, step=1, label="Denoising pass", interactive=False,
                                                 elem_id="step-view", scale=3))
-                    view_mode = gr.Radio(list(lab.MAP_VIEWS), value="step", label="Show", scale=3, elem_id="view-mode")
-                    scale_mode = gr.Radio(list(lab.MAP_SCALES), value="row", label="Colour scale", scale=2,
+                    view_mode = gr.Radio(list(views.MAP_VIEWS), value="step", label="Show", scale=3, elem_id="view-mode")
+                    scale_mode = gr.Radio(list(views.MAP_SCALES), value="row", label="Colour scale", scale=2,
                                           elem_id="scale-mode")
                 with gr.Row():
                     mask = gr.Checkbox(value=False, label="Thresholded (where each word is)", elem_id="mask")
                     function_words = gr.Checkbox(value=False, label="Function words too (a, and...)")
                     layers = gr.CheckboxGroup([], label="Read layers to average (none ticked: all)", elem_id="layers")
-                    opacity = gr.Slider(0, 1, value=lab.DEFAULT_OPACITY, step=0.05, label="Opacity", elem_id="opacity")
+                    opacity = gr.Slider(0, 1, value=views.DEFAULT_OPACITY, step=0.05, label="Opacity", elem_id="opacity")
                 heatmaps = gr.Image(label="Maps", type="pil", format="png", elem_id="heatmaps",
                                     buttons=["download", "fullscreen"])
                 maps_caption = gr.Markdown(label="Maps caption", elem_id="maps-caption")
@@ -393,12 +393,12 @@ def build(model: str | None = None) -> gr.Blocks:
                             "the scorer's reading drawn on it.")
                 compare_img = gr.Image(label="Compared", type="pil", format="png", elem_id="compare-row",
                                        buttons=["download", "fullscreen"])
-                compare_table = gr.Dataframe(headers=lab.COMPARE_HEADERS, label="Compared numbers", interactive=False,
+                compare_table = gr.Dataframe(headers=views.COMPARE_HEADERS, label="Compared numbers", interactive=False,
                                              elem_id="compare-table")
             with gr.Tab("Numbers", id="numbers"):
-                gr.Markdown(lab.OVERLAP_LABEL)
+                gr.Markdown(views.OVERLAP_LABEL)
                 with gr.Row():
-                    overlaps = gr.Dataframe(headers=lab.OVERLAP_HEADERS, label="Overlaps", elem_id="overlaps",
+                    overlaps = gr.Dataframe(headers=views.OVERLAP_HEADERS, label="Overlaps", elem_id="overlaps",
                                             interactive=False, scale=3)
                     loss_plot = gr.Image(label="Loss", type="pil", format="png", scale=2, elem_id="loss-plot")
             with gr.Tab("What if…", id="swap"):
@@ -417,7 +417,7 @@ def build(model: str | None = None) -> gr.Blocks:
             with gr.Tab("Lesson", id="lesson"):
                 gr.Markdown("Three steps for a class, on the teaching model. Each loads its example and seed.")
                 with gr.Row():
-                    lesson_btns = [gr.Button(title, size="sm") for title in lab.LESSON_TITLES]
+                    lesson_btns = [gr.Button(title, size="sm") for title in lesson.LESSON_TITLES]
                 lesson_text = gr.Markdown(elem_classes=["lesson-text"])
                 lesson_img = gr.Image(label="", type="pil", format="png", show_label=False, elem_id="lesson-image")
             with gr.Tab("Settings", id="settings"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from binding import lab
+from binding import lab, views
 
 
 def request(**kw):
@@ -87,17 +87,17 @@ def test_shapes_verdict_names_leaks_and_misses():
     from binding.shapes.world import layout_scene
 
     right = layout_scene([("red", "circle"), ("blue", "square")], 1).array()
-    v = lab.shapes_verdict(right, "a red circle and a blue square")
+    v = views.shapes_verdict(right, "a red circle and a blue square")
     assert v.startswith("sees ") and "red circle" in v and "blue square" in v
     assert v.endswith("→ every object in its own colour ✓")
     leak = layout_scene([("red", "circle"), ("red", "square")], 1).array()
-    v = lab.shapes_verdict(leak, "a red circle and a blue square")
+    v = views.shapes_verdict(leak, "a red circle and a blue square")
     assert "the square took another object's colour (leak)" in v and v.endswith("✗")
     miss = layout_scene([("red", "circle")], 1).array()
-    assert "no square" in lab.shapes_verdict(miss, "a red circle and a blue square")
+    assert "no square" in views.shapes_verdict(miss, "a red circle and a blue square")
     wrong = layout_scene([("red", "circle"), ("green", "square")], 1).array()
-    assert "the square is not blue" in lab.shapes_verdict(wrong, "a red circle and a blue square")
-    assert lab.shapes_verdict(right, "a red apple and a green banana") is None  # outside the world: no verdict
+    assert "the square is not blue" in views.shapes_verdict(wrong, "a red circle and a blue square")
+    assert views.shapes_verdict(right, "a red apple and a green banana") is None  # outside the world: no verdict
 
 
 def test_run_view_end_to_end():
@@ -107,18 +107,18 @@ def test_run_view_end_to_end():
     results = {e.method: e.result for e in run_job(job.job()) if e.kind == "result"}
     result = lab.pair_result(results, job.method)
     assert result.vanilla_image is results["vanilla"].vanilla_image and result.guided_image is not None
-    view = lab.run_view(result, step=2, opacity=0.3)
+    view = views.run_view(result, step=2, opacity=0.3)
     assert view.n_steps == 7  # PNDM runs steps + 1
     assert [row[0] for row in view.overlaps] == ["red → apple", "green → banana"]
     assert all(0 <= row[2] <= 1 and 0 <= row[4] <= 1 for row in view.overlaps)
     assert view.grid.size[0] > 500
-    maps = lab.maps_view(result, step=2, view="step", scale="shared")
+    maps = views.maps_view(result, step=2, view="step", scale="shared")
     assert "Pass 2 of 7" in maps.caption and "one colour scale for all" in maps.caption
-    content = lab.display_words(result_analysis := lab.prompt_view(result.prompt).analysis)
+    content = views.display_words(result_analysis := lab.prompt_view(result.prompt).analysis)
     assert [w.text for w in content] == ["red", "apple", "green", "banana"]  # no "a", "and"
-    assert len(lab.display_words(result_analysis, function_words=True)) == 7
+    assert len(views.display_words(result_analysis, function_words=True)) == 7
     layers = result.settings["read_layers"]
-    one = lab.maps_view(result, step=2, layers=layers[:1])
+    one = views.maps_view(result, step=2, layers=layers[:1])
     assert f"1 of {len(layers)} read layers" in one.caption
-    image, rows = lab.compare_view({"vanilla": results["vanilla"], "syngen": results["syngen"]}, result.prompt)
+    image, rows = views.compare_view({"vanilla": results["vanilla"], "syngen": results["syngen"]}, result.prompt)
     assert [r[0] for r in rows] == ["Vanilla", "SynGen"] and image.width > 2 * 192
