@@ -295,3 +295,48 @@ def test_alignment_ignores_padding_left_on_the_tokenizer(nlp):
     assert tok.backend_tokenizer.padding is not None
     result = analyze("a red apple", nlp, tok)
     assert result.n_tokens == 5 and result.bindings[0].positions == ([[2]], [3])
+
+
+def test_concurrent_parses_are_batched_and_equal_one_by_one(nlp):
+    """Many threads at once (a class typing) get each their own parse, the same as parsed alone, in fewer
+    pipeline calls than texts; a text that fails fails alone."""
+    import threading
+
+    texts = [f"a red circle and a {c} square number {k}" for k, c in enumerate(["blue", "pink", "green"] * 20)]
+    alone = {t: [(w.text, w.dep_, w.head.i) for w in nlp(t)] for t in texts}
+    calls = []
+
+    class Counting:  # the pipeline as seen by the shared parser: counts its batch calls
+        def __init__(self, inner):
+            self.inner = inner
+
+        def pipe(self, batch):
+            calls.append(len(batch))
+            if any("boom" in t for t in batch):
+                raise RuntimeError("boom")
+            return self.inner.pipe(batch)
+
+        def __call__(self, text):
+            if "boom" in text:
+                raise RuntimeError("boom")
+            return self.inner(text)
+
+    counting = Counting(nlp)
+    got, errors = {}, []
+    start = threading.Barrier(len(texts) + 1)
+
+    def one(text):
+        start.wait()
+        try:
+            got[text] = [(w.text, w.dep_, w.head.i) for w in A.parse_text(counting, text)]
+        except RuntimeError as exc:
+            errors.append((text, str(exc)))
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in [*texts, "boom"]]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert got == alone
+    assert errors == [("boom", "boom")]
+    assert sum(calls) >= len(texts) and len(calls) < len(texts)  # batched: fewer calls than texts
