@@ -176,11 +176,15 @@ def terms_match(label: str, terms) -> bool:
 
 
 def examples_for(model: str) -> list[str]:
-    """The example prompts that suit a model (its preset's)."""
+    """The example prompts that suit a model: on the teaching model the measured ones (the prompts its lesson
+    method fixes most often, ``assets/shapes/examples.json``), else the preset's."""
     from binding.models import preset
 
     p = preset(model)
-    return list(p.examples) if p is not None and p.examples else []
+    if p is None:
+        return []
+    measured = shapes_table().get("examples") if p.builder == "shapes" else None
+    return list(measured or p.examples)
 
 
 PRESETS_ENV = "BINDING_PRESETS"  # a Space's setting: the presets a visitor may pick, comma-separated

@@ -122,3 +122,32 @@ def test_run_view_end_to_end():
     assert f"1 of {len(layers)} read layers" in one.caption
     image, rows = views.compare_view({"vanilla": results["vanilla"], "syngen": results["syngen"]}, result.prompt)
     assert [r[0] for r in rows] == ["Vanilla", "SynGen"] and image.width > 2 * 192
+
+
+def test_measured_examples_drive_the_shapes_examples_seeds_and_fix_rates(monkeypatch, tmp_path):
+    """The teaching model's examples, their seeds and the "fixes k of n" line all come from one measured table
+    (``teach examples`` output); without it the preset's examples stand."""
+    import json
+    from types import SimpleNamespace
+
+    from binding.evaluation.report import shapes_examples
+    from binding.models import PRESETS
+    from binding.shapes import model as shapes_model
+
+    monkeypatch.setattr(shapes_model, "SHAPES_DIR", tmp_path)
+    assert lab.examples_for("shapes") == list(PRESETS["shapes"].examples)
+    rows = []
+    # prompt A: vanilla leaks on seeds 0-3, SynGen binds seeds 1 and 2; prompt B: SynGen fixes nothing
+    for prompt, fixed in (("a red star and a blue circle", {1, 2}), ("a pink square and a green star", set())):
+        for seed in range(4):
+            rows.append({"method": "vanilla", "prompt": prompt, "seed": seed, "bound_all": False, "leak_any": True})
+            rows.append({"method": "syngen", "prompt": prompt, "seed": seed, "bound_all": seed in fixed,
+                         "leak_any": seed not in fixed})
+    table = shapes_examples(rows, ["syngen"], "syngen", n_examples=1)
+    (tmp_path / "examples.json").write_text(json.dumps(table), encoding="utf-8")
+    assert lab.examples_for("shapes") == ["a red star and a blue circle"]
+    assert lab.examples_for("tiny") == list(PRESETS["tiny"].examples)
+    assert lab.example_seed("shapes", "a red star and a blue circle") == 1
+    assert lab.example_seed("tiny", "a red star and a blue circle") == 0
+    run = SimpleNamespace(prompt="a red star and a blue circle", settings={"model": "shapes", "method": "syngen"})
+    assert "leaks on 4 of 4 seeds" in lab.fix_rate_line(run) and "fixes 2 of those" in lab.fix_rate_line(run)
