@@ -644,6 +644,7 @@ def _model_card(tr: Trainer) -> str:
     rate = tr.step / max(tr.elapsed["diffusion"], 1e-9)
     losses = ", ".join(f"{step}: {loss:.4f}" for step, loss in _thin(hist, 10)) or "none yet"
     grid = f"{cfg.latent_size}x{cfg.latent_size}"
+    schedule = f"cosine to a tenth by step {cfg.steps}" if cfg.lr_schedule == "cosine" else "constant"
     rows = [
         f"| VAE | AutoencoderKL, channels {list(cfg.vae_channels)}, factor {cfg.vae_factor}, "
         f"{cfg.latent_channels} latent channels, scaling factor {tr.scaling_factor or nan:.5f} "
@@ -685,7 +686,7 @@ and every pair of objects of the 28 scoring prompts `binding.shapes.world.HELDOU
 - Phase 1, VAE: {_vae_line(tr, vae_loss)} The scorer reads
   {rt.get("correct", "?")}/{rt.get("objects", "?")} objects right from VAE round trips (the ceiling of any score).
 - Phase 2, diffusion: {tr.step} of {cfg.steps} steps at batch {cfg.batch_size}, AdamW lr {cfg.lr} (warm-up
-  {cfg.warmup_steps}, then constant), weight decay {cfg.weight_decay}, min-SNR gamma {cfg.snr_gamma},
+  {cfg.warmup_steps}, then {schedule}), weight decay {cfg.weight_decay}, min-SNR gamma {cfg.snr_gamma},
   {cfg.cond_dropout:.0%} empty captions; {tr.elapsed["diffusion"] / 3600:.2f} h in training steps ({rate:.2f} steps/s).
 - Hardware: {"; ".join(tr.hardware) or _hardware(tr.device)}; torch {torch.__version__}.
 - Noise-prediction loss (unweighted MSE, mean over {cfg.log_every} steps) by step: {losses}.
