@@ -125,8 +125,7 @@ def unit_forward_backward(pipe, sampler, plan, seed: int = 0):
         z = latents.detach().float().requires_grad_(True)
         with _parameters_frozen(pipe.unet), torch.enable_grad():
             model_input = pipe.scheduler.scale_model_input(z, t).to(pipe.unet.dtype)
-            out = pipe.unet(model_input, t, encoder_hidden_states=plan.cond_embeds, timestep_cond=plan.timestep_cond,
-                            return_dict=False)[0]
+            out = pipe.unet(model_input, t, **plan.unet_inputs(cond_only=True), return_dict=False)[0]
             (grad,) = torch.autograd.grad(out.float().square().mean(), [z])
         return grad
 
