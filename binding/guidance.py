@@ -7,8 +7,9 @@ and the ordinary classifier-free-guidance step follows on the updated latents. T
 their loss terms, step-size schedule and refinement, so a method is a row of ``binding.methods.METHODS`` and
 any subset of the loss terms (``binding.methods.TERMS``) can be switched on.
 
-Faithfulness. The vanilla run is ``StableDiffusionPipeline.__call__`` step for step (same latents from a CPU
-``torch.Generator`` seeded with the seed, same scheduler calls), and the ``attend-excite`` preset reproduces
+Faithfulness. The vanilla run is ``StableDiffusionPipeline.__call__`` (``StableDiffusionXLPipeline``'s for SDXL)
+step for step (same latents from a CPU ``torch.Generator`` seeded with the seed, same scheduler calls), and the
+``attend-excite`` preset reproduces
 diffusers' ``StableDiffusionAttendAndExcitePipeline``, including two details of the reference code that change
 results: the refinement runs at every step listed in the thresholds even past the intervention steps, and
 under PNDM the loop has one more index than the step count. Not reproduced, because they change nothing but
@@ -562,6 +563,9 @@ class GuidedSampler:
             tok = getattr(self.pipe, attr, None)
             if tok is None:
                 continue
+            if not hasattr(tok, "backend_tokenizer"):  # a slow tokenizer has no character offsets
+                raise ValueError(f"The model's {attr.replace('_', ' ')} is a slow tokenizer: words cannot be aligned to "
+                                 "its positions. Save the model with fast tokenizers (tokenizer.json).")
             for w, got in zip(words, word_positions(prompt, words, tok), strict=True):
                 if tuple(got) != tuple(w.token_indices):
                     raise ValueError(
@@ -684,14 +688,18 @@ class GuidedSampler:
                     values = _floats({**parts, **diag})
         return latents, values
 
+    def _input_scale(self, t) -> float:
+        """c with ``scale_model_input(z, t) = c z``: 1 for PNDM and DDIM, 1 / sqrt(sigma^2 + 1) for Euler."""
+        return float(self.scheduler.scale_model_input(torch.ones(1, dtype=torch.float64), t))
+
     def _predicted_x0(self, latents: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
         """The clean latents this step's prediction implies (epsilon or v prediction), for latents in the
         variance-preserving form (PNDM, DDIM) or in the sigma form of Euler-type schedulers (x0 + sigma * eps)."""
         x, out = latents.float(), model_output.float()
         v = self.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-        step = getattr(self.scheduler, "step_index", None)
-        if step is not None and hasattr(self.scheduler, "sigmas"):
-            sigma = self.scheduler.sigmas[step].to(x.device).float()
+        c = self._input_scale(t)
+        if c != 1.0:  # the sigma form: the UNet sees x / sqrt(sigma^2 + 1)
+            sigma = (1.0 / (c * c) - 1.0) ** 0.5
             return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1) if v else x - sigma * out
         acp = self.scheduler.alphas_cumprod.to(latents.device)[int(t)].float()
         if v:
@@ -731,7 +739,7 @@ class GuidedSampler:
         """Loop index ``i``'s update: refinement where listed, then the ordinary gradient step (fp32), taken on
         the UNet's input (see the module docstring)."""
         alpha = plan.step_sizes[i]
-        c = float(self.scheduler.scale_model_input(torch.ones(1), t))
+        c = self._input_scale(t)
         if c != 1.0:
             alpha = alpha / (c * c)
         ordinary = i < plan.intervention_steps
