@@ -283,3 +283,20 @@ def test_bench_runs_on_tiny_sdxl():
     assert "diffusers attend-excite" not in names and "syngen" in names  # no diffusers A&E for SDXL
     assert report["settings"]["grid"] == [16, 16] and report["ae_vs_diffusers"] is None
     assert "diffusers SDXL (no maps)" in format_report(report)
+
+
+def test_evaluation_and_overlaps_on_tiny_sdxl(runs, tmp_path):
+    from binding.evaluation.report import write_report
+    from binding.evaluation.runner import collect_rows, run_eval
+    from binding.metrics import binding_overlaps
+
+    r = runs["syngen"]
+    overlaps = binding_overlaps(r.final_maps("guided").astype(np.float32), r.bindings, r.subjects)
+    assert len(overlaps) == 2
+    (tmp_path / "prompts.txt").write_text(PROMPT + "\n", encoding="utf-8")
+    done = run_eval(str(tmp_path / "prompts.txt"), tmp_path / "out", methods=["syngen"], seeds=[0], model="tiny-sdxl",
+                    steps=2, clip="none", progress=False, log=lambda _: None)
+    summary = write_report(done, log=lambda _: None)
+    rows = collect_rows(tmp_path / "out")
+    assert sorted(row["item"] for row in rows) == ["p0000-s0-syngen", "p0000-s0-vanilla"]
+    assert summary["all"]["syngen"]["attn_leakage"]["paired_n"] == 1
