@@ -300,3 +300,17 @@ def test_evaluation_and_overlaps_on_tiny_sdxl(runs, tmp_path):
     rows = collect_rows(tmp_path / "out")
     assert sorted(row["item"] for row in rows) == ["p0000-s0-syngen", "p0000-s0-vanilla"]
     assert summary["all"]["syngen"]["attn_leakage"]["paired_n"] == 1
+
+
+def test_a_saved_sdxl_folder_loads_as_sdxl(pipe, tmp_path):
+    """The real loading code (the hub preset goes through the same ``from_pretrained``), offline: a folder saved
+    from an SDXL pipeline, its second tokenizer gone, comes back as SDXL with the shipped "!"-padding one."""
+    import shutil
+
+    pipe.save_pretrained(tmp_path / "xl", safe_serialization=True)
+    shutil.rmtree(tmp_path / "xl" / "tokenizer_2")
+    back = load_pipeline(str(tmp_path / "xl"))
+    assert isinstance(back, StableDiffusionXLPipeline) and back.tokenizer_2.pad_token_id == 0
+    assert torch.equal(back.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    (r,) = GuidedSampler(back)(PROMPT, 0, "vanilla", steps=2, decode=False)
+    assert r.settings["family"] == "sdxl" and r.grid == (16, 16)
