@@ -323,6 +323,15 @@ def align_spans(spans: Sequence[tuple[int, int]], pieces: Sequence[tuple[int, in
     return out
 
 
+def word_positions(prompt: str, words: Sequence[Word], tokenizer) -> list[tuple[int, ...]]:
+    """The positions ``tokenizer`` gives each word (SOT = 0), with the text encoder's truncation: what
+    ``Word.token_indices`` holds for the analysis' own tokenizer. For a model with a second tokenizer (SDXL),
+    to check that both put every word at the same positions."""
+    pieces, _, fits = _clip_pieces(prompt, tokenizer)
+    kept = min(len(pieces), fits)
+    return [tuple(k + 1 for k in ks if k < kept) for ks in align_spans([(w.start, w.end) for w in words], pieces)]
+
+
 # ----------------------------------------------------------------------------------------- analysis
 
 

@@ -8,20 +8,19 @@ runs to its cap (every one did in our runs); the benchmark's floor counts the pa
 ratios stay honest. For benchmarks and tests only; the app never offers them
 (``binding.models.Preset.in_app``).
 
-The configurations are the ``config.json`` files of the checkpoints' ``unet/``, ``vae/`` and ``text_encoder/``
-folders as published on the Hugging Face hub (stable-diffusion-v1-5/stable-diffusion-v1-5 and
-stabilityai/stable-diffusion-2-1-base), written out here key by key; the tokenizer is the shipped CLIP one
-(``binding.tokenizer``), the scheduler SD's PNDM (``binding.pipelines``).
+The configurations are the ``config.json`` files of the checkpoints' ``unet/``, ``vae/``, ``text_encoder/`` (and
+``text_encoder_2/``) folders as published on the Hugging Face hub (stable-diffusion-v1-5/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-2-1-base and stabilityai/stable-diffusion-xl-base-1.0), written out here key by key,
+as far as they differ from the libraries' defaults; the tokenizers are the shipped CLIP one (``binding.tokenizer``;
+SDXL's second pads with "!"), the schedulers SD's PNDM and SDXL's Euler (``binding.pipelines``).
 
 Construction is on the ``meta`` device (no memory, no initialisation), then the tensors are allocated on the
 target device in the target dtype and filled once from a seeded CPU generator, the same values on every machine
 for a given torch version. The whole SD 1.5 pipeline (1.07B parameters) takes about 14 s on the project's
 2-core machine, half of it drawing the numbers and half touching 4.3 GB of fresh memory.
 
-SDXL (``arch:sdxl``) is a later issue: it needs a second text encoder (OpenCLIP ViT-bigG with projection), the
-added time ids and ``StableDiffusionXLPipeline``, and the guidance loop passes no ``added_cond_kwargs`` yet.
-Its entry goes into ``ARCHITECTURES`` with a ``pipeline`` other than ``"sd"``, and ``build_arch_pipeline``
-gains the branch that assembles it.
+SDXL (``arch:sdxl``) adds a second text encoder (OpenCLIP ViT-bigG's text tower with its projection: the pooled
+embedding) and is assembled into a ``StableDiffusionXLPipeline``: 3.5B parameters, 14 GB in fp32.
 """
 
 from __future__ import annotations
@@ -119,6 +118,55 @@ OPENCLIP_VIT_H14_TEXT = dict(
 )
 
 
+# --- Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0) -------------------------------
+
+SDXL_UNET = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=(5, 10, 20),  # heads per level (64 channels each)
+    block_out_channels=(320, 640, 1280),
+    center_input_sample=False,
+    cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG), concatenated
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + the pooled 1280
+    sample_size=128,
+    transformer_layers_per_block=(1, 2, 10),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+)
+
+# The kl-f8 VAE retrained for SDXL: same layout, its own scaling; it overflows in fp16, hence force_upcast.
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+# OpenCLIP ViT-bigG/14's text tower with its projection (SDXL's text_encoder_2).
+OPENCLIP_VIT_BIGG14_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=1280,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """One published model's component configurations."""
@@ -127,13 +175,15 @@ class Architecture:
     vae: Mapping
     text_encoder: Mapping
     source: str  # the hub repository whose config.json files these are
-    pipeline: str = "sd"  # "sd": StableDiffusionPipeline (SDXL will add its own)
+    pipeline: str = "sd"  # "sd": StableDiffusionPipeline; "sdxl": StableDiffusionXLPipeline (needs text_encoder_2)
+    text_encoder_2: Mapping | None = None  # SDXL's second text encoder, with projection
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "sd-1.5": Architecture(SD15_UNET, SD_VAE, CLIP_VIT_L14_TEXT, "stable-diffusion-v1-5/stable-diffusion-v1-5"),
     "sd-2.1-base": Architecture(SD21_BASE_UNET, SD_VAE, OPENCLIP_VIT_H14_TEXT, "stabilityai/stable-diffusion-2-1-base"),
-    # "sdxl": a later issue (see the module docstring).
+    "sdxl": Architecture(SDXL_UNET, SDXL_VAE, CLIP_VIT_L14_TEXT, "stabilityai/stable-diffusion-xl-base-1.0",
+                         pipeline="sdxl", text_encoder_2=OPENCLIP_VIT_BIGG14_TEXT),
 }
 
 
@@ -171,10 +221,13 @@ def _materialise(build, device, dtype, generator) -> torch.nn.Module:
 
 
 def build_arch_pipeline(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = ARCH_SEED):
-    """A ``StableDiffusionPipeline`` of architecture ``name`` (a key of ``ARCHITECTURES``) with random weights,
-    allocated directly on ``device`` in ``dtype`` (an fp16 SD 1.5 on CUDA never holds fp32 copies)."""
+    """A ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) of architecture ``name`` (a key of
+    ``ARCHITECTURES``) with random weights, allocated directly on ``device`` in ``dtype`` (an fp16 SD 1.5 on
+    CUDA never holds fp32 copies)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from binding.pipelines import assemble_xl_pipeline
 
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
@@ -183,4 +236,9 @@ def build_arch_pipeline(name: str, device="cpu", dtype: torch.dtype = torch.floa
     unet = _materialise(lambda: UNet2DConditionModel(**arch.unet), device, dtype, generator)
     vae = _materialise(lambda: AutoencoderKL(**arch.vae), device, dtype, generator)
     text_encoder = _materialise(lambda: CLIPTextModel(CLIPTextConfig(**arch.text_encoder)), device, dtype, generator)
+    if arch.pipeline == "sdxl":
+        text_encoder_2 = _materialise(
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_encoder_2)), device, dtype, generator
+        )
+        return assemble_xl_pipeline(vae, unet, text_encoder, text_encoder_2)
     return assemble_pipeline(vae, unet, text_encoder)

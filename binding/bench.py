@@ -30,6 +30,7 @@ import torch
 
 DEFAULT_PROMPT = "a red apple and a green banana"
 FLOOR_GOAL = 1.15  # every method within this factor of its cost floor
+PLAIN_ROW = {"sd": "diffusers SD (no maps)", "sdxl": "diffusers SDXL (no maps)"}  # the family's own pipeline
 
 
 @dataclass
@@ -125,8 +126,7 @@ def unit_forward_backward(pipe, sampler, plan, seed: int = 0):
         z = latents.detach().float().requires_grad_(True)
         with _parameters_frozen(pipe.unet), torch.enable_grad():
             model_input = pipe.scheduler.scale_model_input(z, t).to(pipe.unet.dtype)
-            out = pipe.unet(model_input, t, encoder_hidden_states=plan.cond_embeds, timestep_cond=plan.timestep_cond,
-                            return_dict=False)[0]
+            out = pipe.unet(model_input, t, **plan.unet_inputs(cond_only=True), return_dict=False)[0]
             (grad,) = torch.autograd.grad(out.float().square().mean(), [z])
         return grad
 
@@ -174,6 +174,8 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
     plan = sampler.plan(prompt, "vanilla", steps=steps, seeds=[0], height=size, width=size)  # encoded once
     size, grid = plan.height, plan.grid
     guided = method_names(guided_only=True)
+    diffusers_ae = diffusers_ae and sampler.family == "sd"  # diffusers has no Attend-and-Excite for SDXL
+    plain = PLAIN_ROW[sampler.family]
 
     def ours(method):
         m = capped(METHODS[method], max_refinement)
@@ -189,7 +191,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
         return pipe(prompt, num_inference_steps=steps, generator=g, output_type="latent", height=size, width=size)
 
     configs = {
-        "diffusers SD (no maps)": diffusers_plain,
+        plain: diffusers_plain,
         "vanilla (maps captured)": ours("vanilla"),
         **{m: ours(m) for m in guided},
     }
@@ -232,7 +234,7 @@ def run_benchmark(model: str = "tiny", steps: int = 50, repeats: int = 3, prompt
                      "torch": torch.__version__},
         "rows": [asdict(r) for r in rows],
         "unit_s": unit,
-        "capture_overhead": vanilla / med["diffusers SD (no maps)"] - 1.0,
+        "capture_overhead": vanilla / med[plain] - 1.0,
         "ae_vs_diffusers": med["attend-excite"] / med["diffusers attend-excite"] if diffusers_ae else None,
     }
 

@@ -7,8 +7,9 @@ and the ordinary classifier-free-guidance step follows on the updated latents. T
 their loss terms, step-size schedule and refinement, so a method is a row of ``binding.methods.METHODS`` and
 any subset of the loss terms (``binding.methods.TERMS``) can be switched on.
 
-Faithfulness. The vanilla run is ``StableDiffusionPipeline.__call__`` step for step (same latents from a CPU
-``torch.Generator`` seeded with the seed, same scheduler calls), and the ``attend-excite`` preset reproduces
+Faithfulness. The vanilla run is ``StableDiffusionPipeline.__call__`` (``StableDiffusionXLPipeline``'s for SDXL)
+step for step (same latents from a CPU ``torch.Generator`` seeded with the seed, same scheduler calls), and the
+``attend-excite`` preset reproduces
 diffusers' ``StableDiffusionAttendAndExcitePipeline``, including two details of the reference code that change
 results: the refinement runs at every step listed in the thresholds even past the intervention steps, and
 under PNDM the loop has one more index than the step count. Not reproduced, because they change nothing but
@@ -17,6 +18,15 @@ an unchanged latent and its last forward when no update follows, and the layers 
 (the pass is cut there). The gradient pass feeds ``scheduler.scale_model_input(latents)`` as the CFG pass does
 (the identity for PNDM and DDIM; the reference feeds unscaled latents, wrong for e.g. Euler). Divide & Bind
 follows the same loop with its own refinement test (smallest object TV below the threshold).
+
+Model families. SD 1.x/2.x and SDXL share this loop; what differs is gathered in a few seams: the prompt
+encoding (SDXL: both text encoders' states concatenated, the pooled embedding and the time ids as the UNet's
+``added_cond_kwargs``, in ``Plan.unet_inputs``), the alignment check (the losses index the first tokenizer's
+positions; SDXL's second tokenizer must put every guided word at the same ones), the step-size default
+(``binding.settings.step_size_scale``) and the decode (SDXL's VAE is upcast to fp32 when it is fp16, as its
+pipeline does: it overflows in fp16). Under a scheduler that scales the UNet's input (Euler: x / sqrt(sigma^2 + 1))
+the gradient step is taken on that input, the variance-preserving latent the papers' step sizes were set on,
+and mapped back: z <- z - alpha / c^2 * dL/dz with c the input scale (c = 1 under PNDM and DDIM: unchanged).
 
 Cost. Per intervened step: one conditional forward + backward (plus one per refinement iteration), on the
 part of the UNet up to the last layer read, with the parameters' gradients off. The loss and the latent update
@@ -37,8 +47,9 @@ import numpy as np
 import torch
 
 from binding.analysis import Analysis, Binding, Word
-from binding.attention import AttentionCapture, Recording
+from binding.attention import AttentionCapture, Recording, latent_size
 from binding.methods import NEEDS_NOTE, TERMS, Method, compute_terms, resolve_method
+from binding.pipelines import family
 from binding.records import RunResult
 
 __all__ = ["Cancelled", "GuidanceError", "GuidedSampler", "Plan", "Progress"]
@@ -110,6 +121,8 @@ class Plan:
     prompt_embeds: torch.Tensor | None = None  # the CFG batch (uncond, cond), or cond alone without CFG
     cond_embeds: torch.Tensor | None = None
     timestep_cond: torch.Tensor | None = None
+    added_cond: dict | None = None  # SDXL's added conditioning (pooled text, time ids) for the CFG batch
+    cond_added: dict | None = None  # ... and for the conditional half alone
     record_maps: bool = True
     read_layers: list[str] = field(default_factory=list)  # in the order of the recorded layer maps
 
@@ -124,6 +137,14 @@ class Plan:
     @property
     def wants_attributes(self) -> bool:
         return "db_binding" in self.terms and bool(self.pairs)
+
+    def unet_inputs(self, cond_only: bool = False) -> dict:
+        """The UNet's conditioning keywords for the CFG batch, or (``cond_only``) the guidance pass's batch 1."""
+        return {
+            "encoder_hidden_states": self.cond_embeds if cond_only else self.prompt_embeds,
+            "timestep_cond": self.timestep_cond,
+            "added_cond_kwargs": self.cond_added if cond_only else self.added_cond,
+        }
 
     def binding_positions(self) -> list[tuple[list[list[int]], list[int]]]:
         return [b.positions for b in self.bindings]
@@ -140,9 +161,10 @@ class Plan:
             i < self.intervention_steps or (self.method.refinement is not None and i in self.method.threshold_map)
         )
 
-    def settings(self, model: str, scheduler: str, device: str, dtype: str) -> dict:
+    def settings(self, model: str, scheduler: str, device: str, dtype: str, family: str = "sd") -> dict:
         return {
             "model": model,
+            "family": family,
             "method": self.method.name,
             "terms": list(self.terms),
             "requested_terms": [t for t in TERMS if t in self.method.terms],
@@ -272,9 +294,9 @@ def _divide_bind_pairs(bindings: Sequence[Binding], subjects: Sequence[Word], ch
 
 
 class GuidedSampler:
-    """Vanilla and guided runs on the components of a ``StableDiffusionPipeline``.
+    """Vanilla and guided runs on the components of a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
 
-    The pipeline is used as it is (its UNet, VAE, text encoder, tokenizer, scheduler and its own
+    The pipeline is used as it is (its UNet, VAE, text encoders, tokenizers, scheduler and its own
     ``encode_prompt``/``prepare_latents``), so a vanilla run is exactly diffusers'. One call at a time.
     """
 
@@ -285,6 +307,7 @@ class GuidedSampler:
         self.unet = pipe.unet
         self.scheduler = pipe.scheduler
         self.model = model or model_name(pipe)
+        self.family = family(pipe)
 
     # ------------------------------------------------------------------------------------ the call
 
@@ -379,13 +402,13 @@ class GuidedSampler:
         (``binding.settings.defaults_for``).
         """
         from binding.models import default_size
-        from binding.settings import Settings, defaults_for
+        from binding.settings import Settings, defaults_for, step_size_scale
 
         # 1. Check inputs
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty: describe the image to generate.")
         m = resolve_method(method, terms)
-        base = defaults_for(self.model, m.name)
+        base = defaults_for(self.model, m.name, family=self.family)
         size = default_size(self.pipe)
         if not seeds:
             raise ValueError("give at least one seed")
@@ -399,6 +422,11 @@ class GuidedSampler:
             height=height or size, width=width or size,
         ).check()
         steps, guidance_scale, height, width = asked.steps, asked.guidance_scale, asked.height, asked.width
+        latent = latent_size(height, width, self.pipe.vae_scale_factor)
+        scale = step_size_scale(self.family, latent) if step_size is None else 1.0
+        if step_size is None:  # the default follows the latent size that runs
+            scaled = defaults_for(self.model, m.name, latent=latent, family=self.family)["step_size"]
+            asked = dataclasses.replace(asked, step_size=scaled)
         if intervention_steps is None:
             # The method's own count, on loop indices as the reference code does (max_iter_to_alter = 25 at any
             # number of steps; PNDM's loop has one more index than the step count).
@@ -412,6 +440,9 @@ class GuidedSampler:
 
         # 2. Analyse the prompt: what each loss term works on, and what happens when there is nothing
         notes: list[str] = []
+        if scale != 1.0 and m.terms:
+            notes.append(f"Step size {m.step_size:g}: the papers' default scaled x{scale:g} to this model's "
+                         f"{latent[0]}x{latent[1]} latents (they set it on SD 1.x's 64x64).")
         if analysis is None and (m.terms or bindings is not None or subjects is not None):
             from binding.analysis import analyze
 
@@ -430,6 +461,8 @@ class GuidedSampler:
                 self._check_word(w, n_tokens, "binding word")
         for w in subjects:
             self._check_word(w, n_tokens, "subject")
+        if self.family == "sdxl" and (bindings or subjects):
+            self._check_tokenizers(prompt, [w for b in bindings for w in (*b.modifiers, b.noun)] + subjects)
         attributes, pairs, unpaired = _divide_bind_pairs(bindings, subjects, m.option("attributes", "all"))
         have = {"bindings": bool(bindings), "subjects": bool(subjects), "pairs": bool(pairs)}
         active = []
@@ -485,19 +518,61 @@ class GuidedSampler:
             record_maps=record_maps,
             read_layers=[layer.name for layer in grid_capture.aggregation_order],
         )
-        with torch.no_grad():  # diffusers' __call__ runs under no_grad; the text encoder is never differentiated
-            cond, uncond = self.pipe.encode_prompt(prompt, device, 1, plan.do_cfg, negative_prompt)
-        plan.cond_embeds = cond
-        plan.prompt_embeds = torch.cat([uncond, cond]) if plan.do_cfg else cond
+        self._encode(plan, device)
         if self.unet.config.time_cond_proj_dim is not None:
             w = torch.tensor(plan.guidance_scale - 1).repeat(1)
             plan.timestep_cond = self.pipe.get_guidance_scale_embedding(
                 w, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=cond.dtype)
+            ).to(device=device, dtype=plan.cond_embeds.dtype)
         self.scheduler.set_timesteps(plan.steps, device=device)
         plan.timesteps = [int(t) for t in self.scheduler.timesteps]
         plan.step_sizes = m.step_sizes(len(plan.timesteps))
         return plan
+
+    def _encode(self, plan: Plan, device) -> None:
+        """The plan's text conditioning, as the family's pipeline computes it in its ``__call__``."""
+        with torch.no_grad():  # diffusers' __call__ runs under no_grad; the text encoder is never differentiated
+            if self.family == "sdxl":
+                cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+                    plan.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=plan.do_cfg,
+                    negative_prompt=plan.negative_prompt,
+                )
+                te2 = getattr(self.pipe, "text_encoder_2", None)
+                size = (plan.height, plan.width)
+                time_ids = self.pipe._get_add_time_ids(
+                    size, (0, 0), size, dtype=cond.dtype,
+                    text_encoder_projection_dim=te2.config.projection_dim if te2 is not None else int(pooled.shape[-1]),
+                ).to(device)
+                plan.cond_added = {"text_embeds": pooled, "time_ids": time_ids}
+                plan.added_cond = (
+                    {"text_embeds": torch.cat([uncond_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
+                    if plan.do_cfg else plan.cond_added
+                )
+            else:
+                cond, uncond = self.pipe.encode_prompt(plan.prompt, device, 1, plan.do_cfg, plan.negative_prompt)
+        plan.cond_embeds = cond
+        plan.prompt_embeds = torch.cat([uncond, cond]) if plan.do_cfg else cond
+
+    def _check_tokenizers(self, prompt: str, words: Sequence[Word]) -> None:
+        """The maps' key positions are the first tokenizer's; with two text encoders side by side each key
+        concatenates both encoders' states at that position, so the second tokenizer must put every guided word
+        at the same positions (it does for CLIP's BPE, which SDXL's two tokenizers share; padding differs)."""
+        from binding.analysis import word_positions
+
+        for attr in ("tokenizer", "tokenizer_2"):
+            tok = getattr(self.pipe, attr, None)
+            if tok is None:
+                continue
+            if not hasattr(tok, "backend_tokenizer"):  # a slow tokenizer has no character offsets
+                raise ValueError(f"The model's {attr.replace('_', ' ')} is a slow tokenizer: words cannot be aligned to "
+                                 "its positions. Save the model with fast tokenizers (tokenizer.json).")
+            for w, got in zip(words, word_positions(prompt, words, tok), strict=True):
+                if tuple(got) != tuple(w.token_indices):
+                    raise ValueError(
+                        f"The model's {attr.replace('_', ' ')} puts '{w.text}' at position(s) {list(got)}, the "
+                        f"analysis at {list(w.token_indices)}: its two text encoders do not line up on this prompt, so "
+                        "its attention maps cannot be read per word."
+                    )
 
     def _tokens(self, prompt: str) -> list[str]:
         """CLIP tokens as the text encoder sees them, when no analysis was needed (vanilla)."""
@@ -552,6 +627,8 @@ class GuidedSampler:
         trace = _Trace("guided" if guided else "vanilla")
         start = time.perf_counter()
         self.scheduler.set_timesteps(plan.steps, device=self.pipe._execution_device)  # resets its state too
+        if hasattr(self.scheduler, "set_begin_index"):  # as diffusers' loops do (Euler finds its step index so)
+            self.scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         latents, generator = self.prepare_latents(plan, seed)
         extra = self.pipe.prepare_extra_step_kwargs(generator, 0.0)
@@ -592,13 +669,7 @@ class GuidedSampler:
             )
             with rec_ctx as rec:
                 noise_pred = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=plan.prompt_embeds,
-                    timestep_cond=plan.timestep_cond,
-                    cross_attention_kwargs=None,
-                    added_cond_kwargs=None,
-                    return_dict=False,
+                    model_input, t, **plan.unet_inputs(), cross_attention_kwargs=None, return_dict=False
                 )[0]
             if plan.do_cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
@@ -617,11 +688,21 @@ class GuidedSampler:
                     values = _floats({**parts, **diag})
         return latents, values
 
+    def _input_scale(self, t) -> float:
+        """c with ``scale_model_input(z, t) = c z``: 1 for PNDM and DDIM, 1 / sqrt(sigma^2 + 1) for Euler."""
+        return float(self.scheduler.scale_model_input(torch.ones(1, dtype=torch.float64), t))
+
     def _predicted_x0(self, latents: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
-        """The clean latents this step's prediction implies (epsilon or v prediction)."""
-        acp = self.scheduler.alphas_cumprod.to(latents.device)[int(t)].float()
+        """The clean latents this step's prediction implies (epsilon or v prediction), for latents in the
+        variance-preserving form (PNDM, DDIM) or in the sigma form of Euler-type schedulers (x0 + sigma * eps)."""
         x, out = latents.float(), model_output.float()
-        if self.scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+        v = self.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+        c = self._input_scale(t)
+        if c != 1.0:  # the sigma form: the UNet sees x / sqrt(sigma^2 + 1)
+            sigma = (1.0 / (c * c) - 1.0) ** 0.5
+            return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1) if v else x - sigma * out
+        acp = self.scheduler.alphas_cumprod.to(latents.device)[int(t)].float()
+        if v:
             return acp.sqrt() * x - (1 - acp).sqrt() * out
         return (x - (1 - acp).sqrt() * out) / acp.sqrt()
 
@@ -640,13 +721,7 @@ class GuidedSampler:
         with torch.enable_grad():
             model_input = self.scheduler.scale_model_input(z, t).to(self.unet.dtype)
             with capture.record(batch_index=0, attributes=plan.wants_attributes, stop_early=True) as rec:
-                self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=plan.cond_embeds,
-                    timestep_cond=plan.timestep_cond,
-                    return_dict=False,
-                )
+                self.unet(model_input, t, **plan.unet_inputs(cond_only=True), return_dict=False)
             if trace is not None:
                 trace.grad_passes += 1
             return self.losses(plan, rec, i)
@@ -661,8 +736,12 @@ class GuidedSampler:
         return (z - alpha * grad).detach().requires_grad_(True)
 
     def guidance_step(self, plan, capture, latents, i, t, trace: _Trace | None = None, cancel=None) -> torch.Tensor:
-        """Loop index ``i``'s update: refinement where listed, then the ordinary gradient step (fp32)."""
+        """Loop index ``i``'s update: refinement where listed, then the ordinary gradient step (fp32), taken on
+        the UNet's input (see the module docstring)."""
         alpha = plan.step_sizes[i]
+        c = self._input_scale(t)
+        if c != 1.0:
+            alpha = alpha / (c * c)
         ordinary = i < plan.intervention_steps
         threshold = plan.method.threshold_map.get(i) if plan.method.refinement else None
         z = latents.detach().float().requires_grad_(True)
@@ -699,9 +778,29 @@ class GuidedSampler:
     # --------------------------------------------------------------------------------- 6: results
 
     def decode(self, latents: torch.Tensor):
-        """The PIL image of final latents (diffusers' decode and post-processing)."""
+        """The PIL image of final latents (the family's decode and post-processing, as its pipeline does them).
+
+        SDXL's VAE overflows in fp16: as ``StableDiffusionXLPipeline`` does (``force_upcast``), it decodes in fp32
+        and goes back to fp16 afterwards.
+        """
+        vae = self.pipe.vae
+        upcast = self.family == "sdxl" and vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
         with torch.no_grad():
-            image = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+            try:
+                if upcast:
+                    vae.to(dtype=torch.float32)
+                z = latents.to(vae.dtype)
+                mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+                if self.family == "sdxl" and mean is not None and std is not None:
+                    shape = (1, -1, 1, 1)
+                    z = z * torch.tensor(std).view(shape).to(z) / vae.config.scaling_factor + torch.tensor(mean).view(
+                        shape).to(z)
+                else:
+                    z = z / vae.config.scaling_factor
+                image = vae.decode(z, return_dict=False)[0]
+            finally:
+                if upcast:
+                    vae.to(dtype=torch.float16)
         return self.pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
 
     def _decode_into(self, trace: _Trace) -> None:
@@ -752,6 +851,7 @@ class GuidedSampler:
             type(self.scheduler).__name__,
             str(self.pipe._execution_device),
             str(self.unet.dtype).replace("torch.", ""),
+            self.family,
         )
         return RunResult(
             prompt=plan.prompt,

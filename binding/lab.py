@@ -193,21 +193,24 @@ PRESETS_ENV = "BINDING_PRESETS"  # a Space's setting: the presets a visitor may 
 def allowed_models() -> list[str]:
     """The presets a visitor may pick: ``$BINDING_PRESETS`` if set; else every app preset, except that on a
     Space without a GPU (``SPACE_ID`` set, no CUDA, no ZeroGPU) only the offline ones (no multi-GB download on
-    a click, no SD on a CPU)."""
+    a click, no SD on a CPU). A preset that needs a GPU (SDXL) is offered only where there is one."""
     import os
 
     import torch
 
     from binding.models import PRESETS
 
-    offered = [n for n, p in PRESETS.items() if p.in_app]
+    on_gpu = torch.cuda.is_available() or bool(os.environ.get("SPACES_ZERO_GPU"))
+    offered = [n for n, p in PRESETS.items() if p.in_app and (on_gpu or not p.gpu_only)]
     chosen = [n.strip().lower() for n in os.environ.get(PRESETS_ENV, "").split(",") if n.strip()]
     if chosen:
         unknown = [n for n in chosen if n not in offered]
         if unknown:
-            raise ValueError(f"{PRESETS_ENV} names unknown presets {', '.join(unknown)}; choose from {', '.join(offered)}")
+            gpu = [n for n in unknown if n in PRESETS and PRESETS[n].gpu_only]
+            why = f" ({', '.join(gpu)} need(s) a GPU, and there is none)" if gpu else ""
+            raise ValueError(f"{PRESETS_ENV} names presets this server cannot offer: {', '.join(unknown)}{why}; "
+                             f"choose from {', '.join(offered)}")
         return chosen
-    on_gpu = torch.cuda.is_available() or os.environ.get("SPACES_ZERO_GPU")
     if os.environ.get("SPACE_ID") and not on_gpu:
         return [n for n in offered if PRESETS[n].offline]
     return offered

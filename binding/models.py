@@ -1,8 +1,9 @@
 """Model presets and loading: a hub id, a local diffusers folder, or an offline model (``shapes``, ``tiny``,
-``arch:*``).
+``tiny-sdxl``, ``arch:*``).
 
 Every fact about a preset (where it comes from, what it is, its native resolution) lives in ``PRESETS`` and
-nowhere else. ``load_pipeline`` turns a preset name or a folder into a ready ``StableDiffusionPipeline``:
+nowhere else. ``load_pipeline`` turns a preset name or a folder into a ready ``StableDiffusionPipeline`` (or
+``StableDiffusionXLPipeline`` for the SDXL family):
 half precision on CUDA (the guidance keeps its loss and latent update in fp32), fp32 on CPU, no safety
 checker, no progress bar. A model that cannot be had offline fails with ``ModelLoadError`` saying how to
 get it, instead of a stack of hub errors.
@@ -15,7 +16,14 @@ tiny pipeline in diffusers' own tests, sized like SD in its layout: cross-attent
 a mid block, PNDM). It is built in code from a fixed seed, so it needs no download and is bit-identical on
 every run and machine. Its images are noise; it exists to exercise and test the mechanics offline.
 
-The ``arch:*`` models are real Stable Diffusion architectures (SD 1.5, SD 2.1-base) with random weights, built
+``tiny-sdxl`` is the same idea for SDXL (as diffusers' own SDXL tests build one): two CLIP text encoders, the
+added time/text conditioning, cross-attention at the two lower of three levels, Euler, and a second tokenizer
+that pads with "!" as SDXL's does. For tests and mechanics; not offered in the app.
+
+SDXL at its real size needs a GPU: ``sdxl-base`` (``Preset.gpu_only``) is refused on a CPU with a message, and
+the app offers it only where CUDA or ZeroGPU is present (``binding.lab.allowed_models``).
+
+The ``arch:*`` models are real Stable Diffusion architectures (SD 1.5, SD 2.1-base, SDXL) with random weights, built
 from their published configurations (``binding.architectures``): real-scale timing and memory with no
 download, for the benchmark and the GPU check. They are not offered in the app (``Preset.in_app``).
 """
@@ -37,6 +45,7 @@ __all__ = [
     "PRESETS",
     "Preset",
     "build_tiny_pipeline",
+    "build_tiny_sdxl_pipeline",
     "default_model",
     "default_size",
     "describe",
@@ -59,10 +68,13 @@ class Preset:
     repo: str | None  # Hugging Face hub id; None for an offline model (shipped or built in code)
     description: str
     resolution: int  # default image side in pixels
-    # offline models: "shapes" (assets/shapes), "tiny" (built from a seed) or "arch" (``architecture``, a key of
-    # ``binding.architectures.ARCHITECTURES``, with random weights)
+    # offline models: "shapes" (assets/shapes), "tiny" / "tiny-sdxl" (built from a seed) or "arch" (``architecture``,
+    # a key of ``binding.architectures.ARCHITECTURES``, with random weights)
     builder: str | None = None
     architecture: str | None = None
+    family: str = "sd"  # "sd" (StableDiffusionPipeline) or "sdxl" (StableDiffusionXLPipeline)
+    vae_scale_factor: int = 8  # pixels per latent pixel (the tiny models': 2)
+    gpu_only: bool = False  # refused without CUDA: hours per picture on a CPU
     # The model's own defaults where the papers' do not fit it: {"*": every method, METHOD: that method}, each
     # a dict of settings (steps, intervention_steps, step_size, guidance_scale); see ``binding.settings``.
     defaults: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
@@ -71,6 +83,12 @@ class Preset:
 
     def defaults_for(self, method: str) -> dict:
         return {**self.defaults.get("*", {}), **self.defaults.get(method, {})}
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        """The latent grid at the native resolution."""
+        side = self.resolution // self.vae_scale_factor
+        return side, side
 
     @property
     def offline(self) -> bool:
@@ -104,6 +122,7 @@ PRESETS: dict[str, Preset] = {
             "Teaching model trained on coloured shapes (offline, seconds on a CPU; leaks colours like SD)",
             64,
             builder="shapes",
+            vae_scale_factor=4,
             # Measured on it at 20 steps (``assets/shapes/README.md``): the papers' step size 20 is far too strong
             # for a model whose maps respond this much; the sweep on the calibration prompts chose these.
             defaults=SHAPES_DEFAULTS,
@@ -115,6 +134,7 @@ PRESETS: dict[str, Preset] = {
             "Tiny random-weight Stable Diffusion built offline (tests, mechanics; images are noise)",
             64,
             builder="tiny",
+            vae_scale_factor=2,
             examples=EVERYDAY_EXAMPLES,
         ),
         Preset(
@@ -151,7 +171,37 @@ PRESETS: dict[str, Preset] = {
             architecture="sd-2.1-base",
             in_app=False,
         ),
-        # "arch:sdxl" (1024 px): a later issue; see binding.architectures.
+        Preset(
+            "tiny-sdxl",
+            None,
+            "Tiny random-weight SDXL built offline (two text encoders, added conditioning; tests, mechanics)",
+            128,
+            builder="tiny-sdxl",
+            family="sdxl",
+            vae_scale_factor=2,
+            examples=EVERYDAY_EXAMPLES,
+            in_app=False,
+        ),
+        Preset(
+            "sdxl-base",
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "Stable Diffusion XL base 1.0 (1024 px, two text encoders; needs a GPU)",
+            1024,
+            family="sdxl",
+            gpu_only=True,
+            examples=EVERYDAY_EXAMPLES,
+        ),
+        Preset(
+            "arch:sdxl",
+            None,
+            "SDXL base's architecture (2.6B-parameter UNet, CLIP ViT-L + OpenCLIP ViT-bigG) with random weights: "
+            "benchmarks",
+            1024,
+            builder="arch",
+            architecture="sdxl",
+            family="sdxl",
+            in_app=False,
+        ),
     )
 }
 
@@ -183,9 +233,10 @@ def describe(name_or_path: str) -> str:
     p = preset(name_or_path)
     if p is not None:
         where = {"shapes": "shipped in assets/shapes, offline", "tiny": "built in, offline",
+                 "tiny-sdxl": "built in, offline",
                  "arch": "built in from the published configuration, random weights, offline"}.get(p.builder, p.repo)
         return f"{p.name}: {p.description} [{where}, {p.resolution} px]"
-    return f"{name_or_path}: local diffusers Stable Diffusion checkpoint"
+    return f"{name_or_path}: local diffusers Stable Diffusion (or SDXL) checkpoint"
 
 
 def model_name(pipe) -> str:
@@ -252,7 +303,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     SD's PNDM.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: keep the caller's intact
         torch.manual_seed(seed)
@@ -276,30 +327,80 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
             latent_channels=4,
             sample_size=64,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=5,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                layer_norm_eps=1e-5,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
+        text_encoder = CLIPTextModel(_tiny_clip_config())
+    _finish_tiny((unet, vae, text_encoder), seed)
+    return assemble_pipeline(vae, unet, text_encoder)
+
+
+def _tiny_clip_config(**extra):
+    """The tiny models' CLIP text tower: CLIP's vocabulary ids (bos 49406, eos/pad 49407), 32 wide, 5 layers."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
+                          num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=49406,
+                          eos_token_id=49407, pad_token_id=49407, **extra)
+
+
+def _finish_tiny(models, seed: int) -> None:
+    """Seeded weights and the cross-attention gain, the same for both tiny models."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    for model in (unet, vae, text_encoder):
+    for model in models:
         _randomize(model, generator)
         model.eval()
     with torch.no_grad():
-        for module in unet.modules():
+        for module in models[0].modules():
             if getattr(module, "is_cross_attention", False):
                 module.to_q.weight.mul_(TINY_ATTENTION_GAIN)
                 module.to_k.weight.mul_(TINY_ATTENTION_GAIN)
-    return assemble_pipeline(vae, unet, text_encoder)
+
+
+def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
+    """The offline ``tiny-sdxl`` model: SDXL's layout in miniature, random weights from ``seed``, CPU fp32.
+
+    UNet as SDXL's: three levels, no attention at the finest, cross-attention at the two coarser ones (1 and 2
+    transformer layers, as SDXL's 2 and 10) and in the mid block, linear projections, ``text_time`` added
+    conditioning (6 time ids x 8 + the pooled 32 = 80 inputs). At 128 px (64x64 latents) the losses read the
+    16x16 grid (latents / 4, as SDXL's 32x32 at 1024 px) and Divide & Bind's attributes the 32x32 one. Text
+    encoders: two tiny CLIPs, the second with a projection (the pooled embedding); cross_attention_dim 32 + 32.
+    VAE: two levels (scale factor 2). Scheduler: SDXL's Euler.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from binding.pipelines import assemble_xl_pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 2, 4),  # heads per level
+            use_linear_projection=True,
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=128,
+            scaling_factor=0.13025,  # SDXL's
+        )
+        text_encoder = CLIPTextModel(_tiny_clip_config())
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(projection_dim=32))
+    _finish_tiny((unet, vae, text_encoder, text_encoder_2), seed)
+    return assemble_xl_pipeline(vae, unet, text_encoder, text_encoder_2)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -313,17 +414,34 @@ def _how_to_get(repo: str) -> str:
     )
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool | None, **kwargs):
-    from diffusers import StableDiffusionPipeline
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool | None, family: str = "sd", **kwargs):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     extra = {} if local_files_only is None else {"local_files_only": local_files_only}
+    if family == "sdxl":
+        # The fp16 files halve the download; the watermark is off so pictures do not depend on an optional package.
+        variant = {"variant": "fp16"} if dtype == torch.float16 and not os.path.isdir(source) else {}
+        return StableDiffusionXLPipeline.from_pretrained(
+            source, torch_dtype=dtype, add_watermarker=False, use_safetensors=True, **variant, **extra, **kwargs
+        )
     return StableDiffusionPipeline.from_pretrained(
         source, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **extra, **kwargs
     )
 
 
+def _folder_family(folder: Path) -> str:
+    """``"sdxl"`` for a folder saved from a ``StableDiffusionXLPipeline``, else ``"sd"``."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "sd"
+    return "sdxl" if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")) else "sd"
+
+
 def _load_folder(folder: Path, dtype: torch.dtype):
-    from binding.tokenizer import load_tokenizer
+    from binding.tokenizer import SDXL_PAD_TOKEN, load_tokenizer
 
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
@@ -332,11 +450,14 @@ def _load_folder(folder: Path, dtype: torch.dtype):
             f"`huggingface-cli download REPO --local-dir DIR`."
         )
     extra = {}
+    family = _folder_family(folder)
     if not (folder / "tokenizer").is_dir():
-        # A fresh instance of the shipped CLIP tokenizer (the same BPE as SD 1.x/2.x).
+        # A fresh instance of the shipped CLIP tokenizer (the same BPE as SD 1.x/2.x and SDXL).
         extra["tokenizer"] = load_tokenizer.__wrapped__()
+    if family == "sdxl" and not (folder / "tokenizer_2").is_dir():
+        extra["tokenizer_2"] = load_tokenizer.__wrapped__(pad_token=SDXL_PAD_TOKEN)
     try:
-        return _from_pretrained(str(folder), dtype, local_files_only=True, **extra)
+        return _from_pretrained(str(folder), dtype, local_files_only=True, family=family, **extra)
     except Exception as exc:  # diffusers raises OSError, ValueError, KeyError... for broken folders
         raise ModelLoadError(f"Cannot load the Stable Diffusion checkpoint in {folder}: {exc}") from exc
 
@@ -347,7 +468,8 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     local_files_only: bool | None = None,
 ):
-    """A ready ``StableDiffusionPipeline`` for a preset name or a local diffusers folder.
+    """A ready ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) for a preset name or a local
+    diffusers folder.
 
     ``device`` defaults to CUDA when available; ``dtype`` to fp16 on CUDA, fp32 elsewhere. Hub presets load
     from the network or the Hugging Face cache (``local_files_only=True``, or HF_HUB_OFFLINE=1, skips the
@@ -357,8 +479,15 @@ def load_pipeline(
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     p = preset(name_or_path)
+    if p is not None and p.gpu_only and device.type != "cuda":
+        raise ModelLoadError(
+            f"{p.name} needs a CUDA GPU (on a CPU one {p.resolution} px picture takes hours). On this machine try "
+            "tiny-sdxl for the mechanics, or `bench --model arch:sdxl` for SDXL-size timings."
+        )
     if p is not None and p.builder == "tiny":
         pipe = build_tiny_pipeline()
+    elif p is not None and p.builder == "tiny-sdxl":
+        pipe = build_tiny_sdxl_pipeline()
     elif p is not None and p.builder == "arch":
         from binding.architectures import build_arch_pipeline
 
@@ -372,7 +501,7 @@ def load_pipeline(
             raise ModelLoadError(str(exc)) from exc
     elif p is not None:
         try:
-            pipe = _from_pretrained(p.repo, dtype, local_files_only)
+            pipe = _from_pretrained(p.repo, dtype, local_files_only, family=p.family)
         except Exception as exc:
             raise ModelLoadError(
                 f"Cannot load {p.name} ({p.repo}) from the Hugging Face hub or its local cache: {exc}\n"
@@ -385,7 +514,7 @@ def load_pipeline(
             f"Unknown model {name_or_path!r}: it is neither a preset nor a folder. Presets: {_preset_list()}. "
             f"Or give a local folder holding a diffusers Stable Diffusion checkpoint."
         )
-    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if component is not None and component.dtype != dtype:  # hub loads have it already; tiny is built in fp32
             component.to(dtype=dtype)
     pipe = pipe.to(device)

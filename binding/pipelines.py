@@ -1,5 +1,6 @@
-"""What every Stable Diffusion pipeline of the project shares: the scheduler configuration, the device and
-dtype rules, and the assembly of a ``StableDiffusionPipeline`` from components.
+"""What every Stable Diffusion pipeline of the project shares: the scheduler configurations, the device and
+dtype rules, the model family of a pipeline, and the assembly of a ``StableDiffusionPipeline`` or a
+``StableDiffusionXLPipeline`` from components.
 
 Below ``binding.models`` (presets and loading) and ``binding.shapes.model`` (the teaching model), so both
 build pipelines the same way without importing each other.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SD_SCHEDULER", "assemble_pipeline", "default_dtype", "pick_device"]
+__all__ = ["SDXL_SCHEDULER", "SD_SCHEDULER", "assemble_pipeline", "assemble_xl_pipeline", "default_dtype", "family",
+           "pick_device"]
 
 # Stable Diffusion's PNDM configuration (the checkpoints' scheduler_config.json).
 SD_SCHEDULER = dict(
@@ -20,6 +22,19 @@ SD_SCHEDULER = dict(
     set_alpha_to_one=False,
     skip_prk_steps=True,
     steps_offset=1,
+)
+
+# SDXL's Euler configuration (stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json, the keys Euler reads).
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+    use_karras_sigmas=False,
 )
 
 
@@ -51,4 +66,29 @@ def assemble_pipeline(vae, unet, text_encoder):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def family(pipe) -> str:
+    """``"sdxl"`` for a pipeline with SDXL's added time/text conditioning (two text encoders), else ``"sd"``."""
+    return "sdxl" if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time" else "sd"
+
+
+def assemble_xl_pipeline(vae, unet, text_encoder, text_encoder_2):
+    """A ``StableDiffusionXLPipeline`` of these components with SDXL's Euler and two fresh shipped CLIP
+    tokenizers, the second padding with "!" (id 0) as SDXL's ``tokenizer_2`` does. No watermark: it would make
+    decoded pictures depend on an optional package."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from binding.tokenizer import SDXL_PAD_TOKEN, load_tokenizer
+
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=load_tokenizer.__wrapped__(),
+        tokenizer_2=load_tokenizer.__wrapped__(pad_token=SDXL_PAD_TOKEN),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        add_watermarker=False,
     )

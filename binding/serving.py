@@ -288,17 +288,26 @@ class Worker:
             self.proc.terminate()
 
 
-def gpu_seconds(job: Job) -> int:
-    """A ZeroGPU reservation long enough for the job on a shared A100-class GPU (SD 1.x, 512 px): per method,
-    its denoising (two UNet passes a step) plus its gradient passes (refinement counted at its worst)."""
-    from binding.methods import METHODS, resolve_method
+# A UNet pass of the SDXL family at its 1024 px against SD 1.x's at 512 px: about 3x the FLOPs (2.6B against 0.86B
+# parameters, 4x the pixels but no attention at the finest level), plus the fp32 decode of a 1024 px picture.
+SDXL_COST = 3.0
 
-    total = 10.0  # moving the model's weights onto the GPU slice and decoding
+
+def gpu_seconds(job: Job) -> int:
+    """A ZeroGPU reservation long enough for the job on a shared A100-class GPU (SD 1.x at 512 px, SDXL at
+    1024 px at ``SDXL_COST`` times that): per method, its denoising (two UNet passes a step) plus its gradient
+    passes (refinement counted at its worst)."""
+    from binding.methods import METHODS, resolve_method
+    from binding.models import preset
+
+    p = preset(job.model)
+    cost = SDXL_COST if p is not None and p.family == "sdxl" and p.builder is None else 1.0
+    total = 10.0 * cost  # moving the model's weights onto the GPU slice and decoding
     for name in job.methods:
         m = resolve_method(name, job.terms if name == "custom" else None)
-        total += 0.15 * 2 * job.steps
+        total += cost * 0.15 * 2 * job.steps
         if m.terms and m is not METHODS["vanilla"]:
             updates = job.intervention_steps if job.intervention_steps is not None else m.intervention_steps
             refinement = sum(m.refinement_cap(i) for i in m.threshold_map) if m.refinement else 0
-            total += 0.4 * (min(updates, job.steps + 1) + refinement)
+            total += cost * 0.4 * (min(updates, job.steps + 1) + refinement)
     return int(min(600, total))

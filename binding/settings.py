@@ -4,7 +4,8 @@ The sampler, the CLI, the app (its sliders too), the benchmark and the evaluatio
 call ``check()``, so a value is accepted or refused the same way everywhere, with a message naming the field.
 Defaults come in two layers: the papers' (SD 1.x: 50 PNDM steps, guidance 7.5, each method's step size and
 intervention steps, in ``binding.methods``), then a model preset's own (``binding.models.Preset.defaults``:
-the 64 px teaching model is measured at 20 steps, with its own step sizes).
+the 64 px teaching model is measured at 20 steps, with its own step sizes). On the SDXL family the papers' step
+size is scaled to the latent size (``step_size_scale``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_STEPS", "RANGES", "Range", "Settings", "defaults_for"]
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_STEPS", "PAPER_LATENT", "RANGES", "Range", "Settings", "defaults_for",
+           "step_size_scale"]
 
 DEFAULT_STEPS = 50  # the papers' setting (SD 1.x, PNDM)
 DEFAULT_GUIDANCE_SCALE = 7.5
+PAPER_LATENT = (64, 64)  # SD 1.x's latents at 512 px, where the papers set their step sizes
+# A family's own defaults, under a preset's: SDXL's guidance scale is its pipeline's default (5.0, not SD's 7.5).
+FAMILY_DEFAULTS = {"sdxl": {"guidance_scale": 5.0}}
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,24 @@ class Settings:
                                                "height", "width", "terms")}
 
 
-def defaults_for(model: str | None, method: str) -> dict:
+def step_size_scale(family: str, latent: tuple[int, int]) -> float:
+    """The factor on the papers' step sizes for a model family at a latent size.
+
+    SDXL: latent area / 64x64. A perturbation of the maps spread over k times as many latent pixels gets a
+    gradient k times smaller per pixel, so the same move needs a k times larger step (x4 at 1024 px). SD 1.x/2.x
+    keep the papers' values at every size (they are what the references compute, and what is tested against).
+    """
+    if family != "sdxl":
+        return 1.0
+    return latent[0] * latent[1] / (PAPER_LATENT[0] * PAPER_LATENT[1])
+
+
+def defaults_for(model: str | None, method: str, latent: tuple[int, int] | None = None,
+                 family: str | None = None) -> dict:
     """steps, intervention_steps, step_size and guidance_scale for ``method`` on ``model``: the model preset's
-    own where it has them, else the method's (the papers')."""
+    own where it has them, else the family's (``FAMILY_DEFAULTS``), else the method's (the papers'), the step
+    size scaled by ``step_size_scale`` for the ``family`` (default: the preset's) at ``latent`` (default: the
+    preset's native latent size)."""
     from binding.methods import resolve_method
     from binding.models import preset
 
@@ -119,6 +139,11 @@ def defaults_for(model: str | None, method: str) -> dict:
     out = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE,
            "intervention_steps": m.intervention_steps, "step_size": m.step_size}
     p = preset(model) if model else None
+    family = family or (p.family if p is not None else "sd")
+    out.update(FAMILY_DEFAULTS.get(family, {}))
+    latent = latent or (p.latent if p is not None else None)
+    if latent is not None:
+        out["step_size"] = m.step_size * step_size_scale(family, latent)
     if p is not None:
         out.update(p.defaults_for(m.name))
     return out

@@ -14,6 +14,8 @@ from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip-tokenizer"
 MAX_LENGTH = 77  # CLIP's context: SOT + 75 pieces + EOT
+# SDXL's second tokenizer pads with "!" (id 0) instead of EOT: its text encoder saw that padding in training.
+SDXL_PAD_TOKEN = "!"
 N_MERGES = 48894  # lines 1..48894 of OpenAI's file (after its header) are the merges CLIP uses
 
 
@@ -53,11 +55,13 @@ def convert_openai_bpe(bpe_gz: str | Path, out_dir: str | Path) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str | None = None):
-    """A fast CLIP tokenizer (it gives character offsets) from ``path`` or the shipped copy."""
+def load_tokenizer(path: str | None = None, pad_token: str | None = None):
+    """A fast CLIP tokenizer (it gives character offsets) from ``path`` or the shipped copy; ``pad_token``
+    replaces the padding token (EOT by default)."""
     from transformers import CLIPTokenizerFast
 
-    return CLIPTokenizerFast.from_pretrained(str(path or ASSET_DIR), model_max_length=MAX_LENGTH)
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    return CLIPTokenizerFast.from_pretrained(str(path or ASSET_DIR), model_max_length=MAX_LENGTH, **extra)
 
 
 _BYTE_OF = {ch: b for b, ch in _bytes_to_unicode().items()}

@@ -20,12 +20,13 @@ from binding.models import (
 
 
 def test_presets_table_holds_the_facts():
-    assert set(PRESETS) == {"shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base", "arch:sd-1.5", "arch:sd-2.1-base"}
+    assert set(PRESETS) == {"shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base", "arch:sd-1.5", "arch:sd-2.1-base",
+                            "tiny-sdxl", "sdxl-base", "arch:sdxl"}
     assert PRESETS["sd-1.4"].repo == "CompVis/stable-diffusion-v1-4"
     assert PRESETS["sd-1.5"].repo == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert PRESETS["sd-2.1-base"].repo == "stabilityai/stable-diffusion-2-1-base"
     assert PRESETS["tiny"].offline and PRESETS["shapes"].offline and not PRESETS["sd-1.4"].offline
-    assert [p.resolution for p in PRESETS.values()] == [64, 64, 512, 512, 512, 512, 512]
+    assert [p.resolution for p in PRESETS.values()] == [64, 64, 512, 512, 512, 512, 512, 128, 1024, 1024]
     assert all(p.description for p in PRESETS.values())
     assert preset("SD-1.4") is PRESETS["sd-1.4"] and preset("nope") is None
     assert "CompVis/stable-diffusion-v1-4" in describe("sd-1.4") and "512" in describe("sd-1.4")
@@ -38,12 +39,16 @@ def test_random_weight_architectures_are_offline_and_not_in_the_app(monkeypatch)
     from binding.architectures import ARCHITECTURES
 
     arch = [p for p in PRESETS.values() if p.builder == "arch"]
-    assert {p.name for p in arch} == {"arch:sd-1.5", "arch:sd-2.1-base"}
+    assert {p.name for p in arch} == {"arch:sd-1.5", "arch:sd-2.1-base", "arch:sdxl"}
     assert all(p.offline and not p.in_app and p.architecture in ARCHITECTURES for p in arch)
-    assert [n for n, p in PRESETS.items() if p.in_app] == ["shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base"]
-    for env in (lab.PRESETS_ENV, "SPACE_ID"):
+    assert [n for n, p in PRESETS.items() if p.in_app] == ["shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base",
+                                                            "sdxl-base"]
+    for env in (lab.PRESETS_ENV, "SPACE_ID", "SPACES_ZERO_GPU"):
         monkeypatch.delenv(env, raising=False)
-    assert lab.allowed_models() == ["shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base"]  # the app's menu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert lab.allowed_models() == ["shapes", "tiny", "sd-1.4", "sd-1.5", "sd-2.1-base"]  # the app's menu (no GPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert lab.allowed_models()[-1] == "sdxl-base"  # SDXL only where there is a GPU
     monkeypatch.setenv("SPACE_ID", "user/space")  # a CPU Space offers the offline presets, still not these
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
