@@ -61,7 +61,9 @@ def lesson_step(k: int, model: str, run=None) -> LessonStep:
     else:
         verdict = shapes_verdict(r.guided_image, prompt) or ""
         text = (f"**The fix.** Same seed, same model, guided by {label}: while drawing, it nudges the picture so "
-                f"that each colour word's map sits on its own noun's. The map moves, and the colour moves with it. "
+                f"that each colour word's map sits on its own noun's. Compare the two pictures: what changed? (On this "
+                "model the guidance more often rescues a missing object than moves a colour; the README's table says "
+                "how often each happens.) "
                 f"The scorer now reads: {md(verdict)}.")
         image = side_by_side(r, 256)
     return LessonStep(text, prompt, seed, image)
