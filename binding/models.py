@@ -133,9 +133,7 @@ PRESETS: dict[str, Preset] = {
             64,
             builder="shapes",
             vae_scale_factor=4,
-            # Measured on it at 20 steps (``assets/shapes/README.md``): the papers' step size 20 is far too strong
-            # for a model whose maps respond this much; the sweep on the calibration prompts chose these.
-            defaults=SHAPES_DEFAULTS,
+            defaults=SHAPES_DEFAULTS,  # measured on it: see the comment above SHAPES_DEFAULTS
             examples=SHAPES_EXAMPLES,
         ),
         Preset(
@@ -312,7 +310,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     CLIP with CLIP's vocabulary ids (bos 49406, eos/pad 49407), used with the shipped tokenizer. Scheduler:
     SD's PNDM.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: keep the caller's intact
@@ -328,15 +326,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
             cross_attention_dim=32,
             attention_head_dim=(2, 4),  # diffusers' name; it is the number of heads per level
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=64,
-        )
+        vae = _tiny_vae(sample_size=64)
         text_encoder = CLIPTextModel(_tiny_clip_config())
     _finish_tiny((unet, vae, text_encoder), seed)
     return assemble_pipeline(vae, unet, text_encoder)
@@ -349,6 +339,15 @@ def _tiny_clip_config(**extra):
     return CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
                           num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=49406,
                           eos_token_id=49407, pad_token_id=49407, **extra)
+
+
+def _tiny_vae(**extra):
+    """The tiny models' VAE: two levels (scale factor 2), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, **extra)
 
 
 def _finish_tiny(models, seed: int) -> None:
@@ -374,7 +373,7 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
     encoders: two tiny CLIPs, the second with a projection (the pooled embedding); cross_attention_dim 32 + 32.
     VAE: two levels (scale factor 2). Scheduler: SDXL's Euler.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from binding.pipelines import assemble_xl_pipeline
@@ -397,16 +396,7 @@ def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=128,
-            scaling_factor=0.13025,  # SDXL's
-        )
+        vae = _tiny_vae(sample_size=128, scaling_factor=0.13025)  # SDXL's latent scale
         text_encoder = CLIPTextModel(_tiny_clip_config())
         text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(projection_dim=32))
     _finish_tiny((unet, vae, text_encoder, text_encoder_2), seed)
