@@ -24,8 +24,11 @@ METHOD_TERMS = {
 
 @pytest.fixture(scope="module")
 def pipe():
+    """One thread for the module's small models (as ``one_thread``), given back after the module."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    return load_pipeline("tiny-sdxl")
+    yield load_pipeline("tiny-sdxl")
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
