@@ -18,6 +18,7 @@ except ImportError:
 
 import argparse
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -80,7 +81,7 @@ def on_prompt(prompt: str, state):
     """Parse as the visitor types; the pairs come back from the parse and any earlier pair problem is cleared."""
     view = lab.prompt_view(prompt)
     return (view.parse_html, view.rows, view.tokens_html, view.notice, view.analysis.to_dict(), "",
-            _stale(state, prompt))
+            lab.stale_notice((state or {}).get("prompt"), prompt))
 
 
 def on_pairs(prompt: str, rows):
@@ -174,7 +175,7 @@ def generate(prompt, rows, model, method_label, terms, steps, intervention_steps
         if event.kind == "result":
             results[event.method] = event.result
         else:
-            yield (gr.update(),) * 12
+            yield (gr.update(),) * 13
     if len(results) < 2:
         return
     result = lab.pair_result(results, request_.method)
@@ -184,7 +185,7 @@ def generate(prompt, rows, model, method_label, terms, steps, intervention_steps
     state = {"prompt": result.prompt, "result": result, "compare": None}
     yield (display_image(views.verdict_picture(result.vanilla_image, result.prompt)),
            display_image(views.verdict_picture(result.guided_image, result.prompt)), view.summary, maps.image,
-           maps.caption, view.overlaps, view.loss_plot, files, request_.seed, state, "", "")
+           maps.caption, view.overlaps, view.loss_plot, files, request_.seed, state, "", "", result.prompt)
 
 
 def compare(prompt, rows, model, steps, guidance_scale, seed, randomize_seed, request: gr.Request = None,
@@ -268,11 +269,56 @@ def on_cancel():
     gr.Info("Cancelled: the results shown are from the previous run.")
 
 
-def _stale(state, prompt) -> str:
-    if not state or not state.get("prompt") or state["prompt"] == (prompt or "").strip():
-        return ""
-    return (f'<div class="stale">The pictures below are for <b>{lab.html_text(state["prompt"])}</b>; press Generate '
-            "for the new prompt.</div>")
+# The page's live parse: a plain JSON route beside Gradio's, called from the browser as the visitor types. Through
+# Gradio's event machinery even a no-op costs ~15 ms of the server's one Python thread, so 200 visitors typing at
+# once waited 6-13 s for their parse; this route costs the parse and little else (see binding.loadtest).
+LIVE_PARSE_PATH = lab.LIVE_PARSE_PATH
+LIVE_PARSE_MAX_BYTES = 64_000  # a JSON-escaped prompt far past what CLIP reads; the parse itself is capped too
+
+
+async def live_parse(request):
+    """POST ``{"prompt": str}`` -> ``lab.prompt_payload``; a bad body gets a 400 with the reason."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    body = await request.body()
+    if len(body) > LIVE_PARSE_MAX_BYTES:
+        return JSONResponse({"error": f"the request is over {LIVE_PARSE_MAX_BYTES} bytes"}, status_code=413)
+    try:
+        prompt = json.loads(body)["prompt"]
+        if not isinstance(prompt, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return JSONResponse({"error": 'send {"prompt": "..."} as UTF-8 JSON'}, status_code=400)
+    return JSONResponse(await run_in_threadpool(lab.prompt_payload, prompt))
+
+
+_STALE_HEAD, _STALE_TAIL = lab.STALE_NOTICE.split("{prompt}")
+# Runs in the browser on every change of the prompt: the newest answer wins, a failed fetch keeps what is shown.
+LIVE_PARSE_JS = r"""
+async (prompt, shown, ...current) => {
+  const seq = (window.__bindingParseSeq = (window.__bindingParseSeq || 0) + 1);
+  const ents = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"};
+  const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ents[c]);
+  const typed = (prompt || "").trim(), made = (shown || "").trim();
+  const stale = made && made !== typed ? HEAD + esc(made) + TAIL : "";
+  const root = ((window.gradio_config && window.gradio_config.root) || ".").replace(/\/$/, "");
+  let notice;
+  try {
+    const r = await fetch(root + PATH, {method: "POST", headers: {"content-type": "application/json"},
+                                        body: JSON.stringify({prompt: prompt || ""})});
+    const v = await r.json();
+    if (!r.ok) throw new Error(v.error || ("HTTP " + r.status));
+    if (seq !== window.__bindingParseSeq) return current;
+    return [v.parse_html, v.pairs, v.tokens_html, v.notice, v.analysis, "", stale];
+  } catch (e) {
+    notice = "The parse could not be fetched (" + esc(e.message) + "): the pairs are the last ones shown.";
+  }
+  if (seq !== window.__bindingParseSeq) return current;
+  return [current[0], current[1], current[2], notice, current[4], current[5], stale];
+}
+""".replace("HEAD", json.dumps(_STALE_HEAD)).replace("TAIL", json.dumps(_STALE_TAIL)).replace(
+    "PATH", json.dumps(LIVE_PARSE_PATH))
 
 
 # ----------------------------------------------------------------------------------------- plumbing
@@ -328,6 +374,7 @@ def build(model: str | None = None) -> gr.Blocks:
         banner = gr.HTML(lab.model_banner(model), elem_id="banner")
         touched = gr.State([])
         state = gr.State()
+        shown = gr.Textbox(visible=False)  # the prompt of the pictures on the page, for the live parse's notice
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
                 prompt = gr.Textbox(label="Prompt (Enter generates)", value=examples[0], max_lines=2, elem_id="prompt")
@@ -438,14 +485,14 @@ def build(model: str | None = None) -> gr.Blocks:
         settings_in = [model_box, method, terms, steps, intervention, step_size, guidance, seed, randomize]
         gen_in = [prompt, pairs, *settings_in]
         gen_out = [vanilla_img, guided_img, summary, heatmaps, maps_caption, overlaps, loss_plot, files, seed, state,
-                   problems, stale]
+                   problems, stale, shown]
         parse_out = [parse_view, pairs, tokens, notice, analysis_json, problems, stale]
 
-        # Outside the queue: a page's live parse is a plain request (POST /gradio_api/run/parse), served by
-        # the web server's own threads, so it never waits behind generations or the queue's bookkeeping.
-        prompt.change(on_prompt, [prompt, state], parse_out, api_name="parse", trigger_mode="always_last",
-                      queue=False, show_progress="hidden")
-        reset.click(on_prompt, [prompt, state], parse_out, api_visibility="private")
+        # The live parse never reaches Gradio's events or queue: the browser asks LIVE_PARSE_PATH itself. The same
+        # parse, as an event, resets the pairs and is the API's /parse.
+        prompt.change(None, [prompt, shown, *parse_out], parse_out, js=LIVE_PARSE_JS, trigger_mode="always_last",
+                      show_progress="hidden")
+        reset.click(on_prompt, [prompt, state], parse_out, api_name="parse", queue=False, show_progress="hidden")
         pairs.input(on_pairs, [prompt, pairs], [parse_view, tokens, problems], api_visibility="private")
         method.input(on_method, [method, model_box, touched], [terms, step_size, intervention],
                      api_visibility="private")
@@ -507,7 +554,10 @@ def main() -> None:
         atexit.register(_WORKER.close)
     elif preset(model) is not None and preset(model).offline:
         serving.pipeline(model)  # load at start-up, on the CPU: the GPU slice is spent drawing
-    build(model).launch(server_name=args.host, server_port=args.port, css=CSS, footer_links=["api", "gradio"])
+    from starlette.routing import Route
+
+    build(model).launch(server_name=args.host, server_port=args.port, css=CSS, footer_links=["api", "gradio"],
+                        app_kwargs={"routes": [Route(LIVE_PARSE_PATH, live_parse, methods=["POST"])]})
 
 
 if __name__ == "__main__":

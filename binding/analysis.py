@@ -161,7 +161,7 @@ def load_parser(name: str | None = None):
             f"No spaCy English pipeline is installed (looked for {', '.join(PREFERRED_PARSERS)}). {INSTALL_HINT}"
         )
     try:
-        nlp = spacy.load(candidates[0], exclude=["ner"])
+        nlp = spacy.load(candidates[0], exclude=["ner", "lemmatizer"])  # unused here: each costs every parse
     except OSError:
         raise ParserNotFound(
             f"Cannot load the spaCy pipeline {candidates[0]!r}: it is neither an installed package nor a "

@@ -48,6 +48,28 @@ def prompt_view(prompt: str) -> PromptView:
     return PromptView(analysis, parse_html(analysis), rows, tokens_html(analysis), notes_markdown(analysis.notes))
 
 
+LIVE_PARSE_PATH = "/binding/parse"  # the app's JSON route for the page's live parse (app.live_parse)
+
+
+def prompt_payload(prompt: str) -> dict:
+    """``prompt_view`` as JSON for the page's live parse (``LIVE_PARSE_PATH``): each value in the form its
+    component takes in the browser (the pairs as a Dataframe's ``{headers, data}``)."""
+    view = prompt_view(prompt)
+    return {"parse_html": view.parse_html, "pairs": {"headers": PAIR_HEADERS, "data": view.rows, "metadata": None},
+            "tokens_html": view.tokens_html, "notice": view.notice, "analysis": view.analysis.to_dict()}
+
+
+STALE_NOTICE = ('<div class="stale">The pictures below are for <b>{prompt}</b>; press Generate for the new prompt.'
+                "</div>")  # {prompt}: the generated prompt, HTML-escaped
+
+
+def stale_notice(shown: str | None, prompt: str | None) -> str:
+    """Said while the pictures on the page are for another prompt than the one typed."""
+    if not shown or shown.strip() == (prompt or "").strip():
+        return ""
+    return STALE_NOTICE.replace("{prompt}", html_text(shown.strip()))
+
+
 def recoloured(analysis: Analysis, bindings) -> tuple[str, str]:
     """The parse and the tokens coloured by the given (edited) bindings."""
     return parse_html(analysis, bindings), tokens_html(analysis, bindings)

@@ -3,7 +3,7 @@
 It starts the app on a free loopback port (or takes ``--url``, which must be a loopback address), connects
 ``clients`` visitors (a gradio_client ``Client`` each, as a browser loads the page once), then has each send a
 generation and, while they queue, the class sends ``parses`` prompt parses the way a page does as its visitor
-types (a plain request outside the queue, in the visitor's session), all at once. It reports what each visitor
+types (the app's live-parse JSON route, outside Gradio's events and queue), all at once. It reports what each visitor
 got: served, refused (the queue full), failed (any other error), whether a waiting visitor was told its place in
 the queue and an estimate, the waits (p50 / p95), and the server's memory before and after. Every request is
 bounded (``timeout``), so the run ends by itself.
@@ -128,16 +128,16 @@ def _generate(client, k: int, steps: int, model: str, timeout: float) -> Outcome
         return Outcome("generate", _classify(exc), time.monotonic() - start, told, str(exc)[:200])
 
 
-def _parse(url: str, k: int, session: str, timeout: float) -> Outcome:
-    """One parse as a page sends it while its visitor types: a plain request outside the queue, in the page's
-    session."""
-    import httpx
+def _parse(http, url: str, k: int) -> Outcome:
+    """One parse as a page sends it while its visitor types: its own JSON route (``lab.LIVE_PARSE_PATH``), over
+    a kept-alive connection as a browser's."""
+    from binding.lab import LIVE_PARSE_PATH
 
     start = time.monotonic()
     try:
-        r = httpx.post(urllib.parse.urljoin(url, "gradio_api/run/parse"), timeout=timeout,
-                       json={"data": [f"{PROMPTS[k % len(PROMPTS)]} number {k}", None], "session_hash": session})
-        if r.status_code != 200 or "data" not in r.json():
+        r = http.post(urllib.parse.urljoin(url, LIVE_PARSE_PATH.lstrip("/")),
+                      json={"prompt": f"{PROMPTS[k % len(PROMPTS)]} number {k}"})
+        if r.status_code != 200 or "parse_html" not in r.json():
             return Outcome("parse", "failed", time.monotonic() - start, error=f"HTTP {r.status_code}: {r.text[:150]}")
         return Outcome("parse", "served", time.monotonic() - start)
     except Exception as exc:
@@ -154,6 +154,8 @@ def _visitors(url: str, n: int, pool) -> list:
 def run_loadtest(clients: int = 40, parses: int = 200, model: str = "tiny", steps: int = 10, url: str | None = None,
                  timeout: float = 900.0, log=print) -> Report:
     """See the module docstring. ``timeout`` bounds each request; the whole run ends within about that."""
+    import httpx
+
     if clients < 0 or parses < 0 or clients + parses == 0 or clients + parses > 1000:
         raise ValueError("give between 1 and 1000 requests in all (--clients, --parses)")
     proc = None
@@ -170,11 +172,11 @@ def run_loadtest(clients: int = 40, parses: int = 200, model: str = "tiny", step
             t0 = time.monotonic()
             gens = [pool.submit(_generate, people[k], k, steps, model, timeout) for k in range(clients)]
             time.sleep(2.0 if clients else 0.0)  # the generations queue first, then the class types
-            sessions = [getattr(c, "session_hash", None) or f"visitor{k}" for k, c in enumerate(people)] or [
-                f"visitor{k}" for k in range(40)]
-            parses_ = [pool.submit(_parse, url, k, sessions[k % len(sessions)], min(timeout, 120.0))
-                       for k in range(parses)]
-            report.outcomes = [f.result() for f in gens + parses_]
+            http = httpx.Client(timeout=min(timeout, 120.0),
+                                limits=httpx.Limits(max_connections=parses or 1, max_keepalive_connections=parses or 1))
+            with http:
+                parses_ = [pool.submit(_parse, http, url, k) for k in range(parses)]
+                report.outcomes = [f.result() for f in gens + parses_]
         report.wall_s = time.monotonic() - t0
         report.rss_after_mb = _rss_mb(pid)
     finally:

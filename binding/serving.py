@@ -194,7 +194,9 @@ def _work_loop(jobs, events, preload: str | None, parent: int) -> None:
     def orphaned() -> bool:
         return os.getppid() != parent
 
-    torch.set_num_threads(max(1, int(os.environ.get("BINDING_WORKER_THREADS", torch.get_num_threads()))))
+    # One core is left to the web server, so pages and live parses stay quick while a class's jobs draw.
+    default = max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(max(1, int(os.environ.get("BINDING_WORKER_THREADS", default))))
     if preload:
         try:
             pipeline(preload)

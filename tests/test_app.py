@@ -40,6 +40,31 @@ def test_parse_endpoint_shows_markup_as_text_and_refuses_non_text(client):
                                                                                            [["", "", ""]])
 
 
+def test_live_parse_route_answers_as_the_parse_event_does(client):
+    """The page's live parse (a JSON route outside Gradio's events): the same view as /parse, in the form the
+    browser's components take; a bad body is refused with the reason, not a trace."""
+    import httpx
+
+    from binding.lab import LIVE_PARSE_PATH
+
+    url = client.src.rstrip("/") + LIVE_PARSE_PATH
+    r = httpx.post(url, json={"prompt": "a dog and a small dog"})
+    assert r.status_code == 200
+    live = r.json()
+    parse_html, pairs, tokens_html, notice, analysis, _, _ = client.predict("a dog and a small dog", api_name="/parse")
+    assert live["pairs"]["data"] == pairs["data"] == [[True, "small", "dog#2"]]
+    assert live["pairs"]["headers"] == pairs["headers"]
+    assert live["analysis"] == analysis and live["notice"] == notice and live["tokens_html"] == tokens_html
+    assert live["parse_html"].split("<svg")[0] == parse_html.split("<svg")[0] and "displacy" in live["parse_html"]
+    for body, status, reason in ((b"not json", 400, "JSON"), (b'{"prompt": 3}', 400, "JSON"),
+                                 (b'{"prompt": "\xff"}', 400, "UTF-8"),
+                                 (b'{"prompt": "' + b"a" * 70_000 + b'"}', 413, "bytes")):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status and reason in r.json()["error"], (body[:20], r.status_code, r.text[:200])
+    r = httpx.post(url, content=b'{"prompt": "\\ud800 a red car"}')  # a lone surrogate: a notice, not a trace
+    assert r.status_code == 200 and "cannot be used" in r.json()["notice"]
+
+
 def test_api_output_names_are_short(client):
     info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     for name in ("/parse", "/generate", "/compare"):

@@ -243,3 +243,39 @@ def test_check_scorer_prints_each_condition_and_the_vae_ceiling(capsys):
     assert "100.0%" in clean  # ground truth is read perfectly
     assert "tiny VAE round trip" in out  # a random VAE: far from perfect, and shown as such
     assert "blur1.5" in out and "resample" in out
+
+
+def test_colour_blind_encoding_hides_only_the_colour_words():
+    """The premise of ``isolate_colours``: with the colour words masked out of the encoder's attention, every other
+    position reads the same whatever the colours, and the colour words' own rows still differ."""
+    from binding.shapes import world
+    from binding.shapes.train import colour_blind_encoding
+
+    tok = load_tokenizer.__wrapped__()
+    _, _, text_encoder = build_models(ShapesConfig.micro())
+    ids = torch.tensor([tok(c, padding="max_length", max_length=77).input_ids
+                        for c in (PROMPT, "a green circle and a yellow square")])
+    colour_ids = torch.tensor([tok.convert_tokens_to_ids(c + "</w>") for c in world.COLOURS])
+    with torch.no_grad():
+        colour, blind = colour_blind_encoding(text_encoder, ids, colour_ids)
+        full = text_encoder(ids)[0]
+    assert colour[0].nonzero().flatten().tolist() == [2, 6]
+    others = ~colour[0]
+    assert torch.allclose(blind[0, others], blind[1, others], atol=1e-5)
+    assert not torch.allclose(full[0, 3], full[1, 3], atol=1e-3)  # unmasked, "circle" carries its colour
+    assert not torch.allclose(blind[0, 2], blind[1, 2], atol=1e-3)
+
+
+def test_isolating_colours_fine_tunes_and_the_card_keeps_its_lineage(runs, tmp_path):
+    base = runs[0].out / "pipeline"
+    cfg = ShapesConfig.micro(init_from=str(base), isolate_colours=True, isolate_weight=1.0)
+    tr = train(tmp_path / "iso", cfg, device="cpu", log=_quiet)
+    log = [json.loads(line) for line in (tr.out / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["isolate"]) for row in log if row["phase"] == "diffusion")
+    card = (tr.out / "pipeline" / "README.md").read_text()
+    assert "`isolate_colours`: on" in card and "`isolate_weight`: weight 1.0" in card
+    assert f"## Base model (`{base}`)" in card and "### " in card  # the base's card, one level down
+    # a stored config from before the option reads as trained then: off
+    stored = json.loads((runs[0].out / "config.json").read_text())["config"]
+    stored.pop("isolate_colours"), stored.pop("isolate_weight")
+    assert not ShapesConfig.from_dict(stored).isolate_colours

@@ -53,7 +53,7 @@ __all__ = [
 SHAPES_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "shapes"
 # The recipe fields of v2 with the values v1 (the first shipped model) was trained with.
 LEGACY_RECIPE = dict(ground_nouns=0.0, ground_colours=0.0, ground_pixel=0.0, blank_padding=False, padding_weight=0.0,
-                     lr_schedule="constant")
+                     lr_schedule="constant", isolate_colours=False, isolate_weight=0.0)
 
 # -------------------------------------------------------------------------------------------- config
 
@@ -102,6 +102,8 @@ class ShapesConfig:
     ground_pixel: float = 0.05  # weight of the pixel BCE that goes with each grounding term
     blank_padding: bool = True  # the UNet sees the empty prompt's encoder outputs from EOT on, in training
     padding_weight: float = 1.0  # text-encoder term: EOT and padding outputs equal to the empty prompt's
+    isolate_colours: bool = False  # the UNet sees every other word as if the caption had no colour words
+    isolate_weight: float = 0.0  # text-encoder term: those outputs equal to the colour-blind encoding
     # bookkeeping
     calibration_scenes: int = 256  # for the latent scale and the scorer-on-VAE check at the end of phase 1
     checkpoint_every: int = 1000

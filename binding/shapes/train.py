@@ -46,7 +46,7 @@ from binding.shapes.model import (
 )
 from binding.storage import atomic_write_text
 
-__all__ = ["RECIPE_NOTES", "TRAIN_OPTIONS", "Trainer", "loss_curve", "train"]
+__all__ = ["RECIPE_NOTES", "TRAIN_OPTIONS", "Trainer", "colour_blind_encoding", "loss_curve", "train"]
 
 CHECKPOINT_FORMAT = 1
 PHASES = ("vae", "diffusion")
@@ -65,6 +65,8 @@ TRAIN_OPTIONS = {
     "ground_pixel": "weight of the grounding's pixel BCE",
     "blank_padding": "the UNet sees the empty prompt's EOT/padding outputs in training",
     "padding_weight": "weight of the text encoder's padding term",
+    "isolate_colours": "the UNet sees every word but the colour words encoded as if the colour words were absent",
+    "isolate_weight": "weight of the text encoder's term that keeps those outputs colour-blind",
 }
 # Why each recipe v2 term exists: written into every model card.
 RECIPE_NOTES = {
@@ -81,9 +83,25 @@ RECIPE_NOTES = {
                      "caption: v1 read 71-90% of its cross-attention there and bound colours caption-wide.",
     "padding_weight": "A text-encoder term keeps its EOT and padding outputs equal to the empty prompt's, so "
                       "the stock pipeline at inference feeds the UNet what it saw in training.",
+    "isolate_colours": "In training the UNet sees every position but the colour words' as the text encoder "
+                       "gives it with the colour words hidden from its attention. CLIP is causal, so otherwise "
+                       "a noun's output already holds the colour before it ('circle' in 'a red circle' encodes "
+                       "red): grounding the nouns then binds by itself (v2), the colour words' maps stop "
+                       "mattering and the binding losses, which move those maps, cannot move a colour.",
+    "isolate_weight": "A text-encoder term keeps every non-colour word's output equal to that colour-blind "
+                      "encoding, so the stock pipeline at inference feeds the UNet what it saw in training and a "
+                      "colour reaches the picture only through its own word's position, as the losses assume.",
     "init_from": "Its VAE and latent scale are kept; a fine-tune fits a 2-hour CPU budget, training afresh would not "
                  "(v1 took 1.25 h of diffusion steps on 2 threads before it drew well).",
 }
+
+
+def colour_blind_encoding(text_encoder, ids: torch.Tensor, colour_ids: torch.Tensor):
+    """(colour-word mask (B, 77), outputs (B, 77, D)) of the caption encoded with its colour words hidden from
+    every position's attention: what each other word would say if the caption named no colour (the colour words'
+    own rows still hold their embeddings, through the residual stream)."""
+    colour = torch.isin(ids, colour_ids)
+    return colour, text_encoder(ids, attention_mask=(~colour).long())[0]
 
 
 def _training_schedule():
@@ -221,6 +239,7 @@ class Trainer:
         self.history: dict[str, list] = {"vae": [], "diffusion": []}  # (step, mean loss over log_every)
         self._new_optimizer()
         self._ids: dict[str, torch.Tensor] = {}
+        self._colours: torch.Tensor | None = None
         self._window: list[float] = []
         self._terms_window: list[dict[str, float]] = []
         self.base: dict | None = None  # the model a fine-tune started from
@@ -350,6 +369,13 @@ class Trainer:
             rows.append(self._ids[c])
         return torch.stack(rows).to(self.device)
 
+    def _colour_ids(self) -> torch.Tensor:
+        """The token ids of the world's colour words (each is one CLIP token)."""
+        if self._colours is None:
+            self._colours = torch.tensor(
+                [self.tokenizer.convert_tokens_to_ids(c + "</w>") for c in world.COLOURS], device=self.device)
+        return self._colours
+
     def diffusion_step(self) -> float:
         cfg = self.cfg
         scenes = self._scenes(cfg.batch_size)
@@ -379,6 +405,13 @@ class Trainer:
                 terms["padding"] = ((cond - empty.detach()).pow(2) * tail).sum() / (tail.sum() * cond.shape[-1])
             if cfg.blank_padding:
                 cond = torch.where(tail, empty.expand_as(cond), cond)
+        if cfg.isolate_colours or cfg.isolate_weight:
+            colour, blind = colour_blind_encoding(self.text_encoder, ids, self._colour_ids())
+            other = (~colour & ~tail_mask(ids, self.tokenizer.eos_token_id))[..., None]  # BOS and other words
+            if cfg.isolate_weight:
+                terms["isolate"] = ((cond - blind.detach()).pow(2) * other).sum() / (other.sum() * cond.shape[-1])
+            if cfg.isolate_colours:
+                cond = torch.where(other, blind, cond)
         if cfg.grounded:
             from binding.attention import AttentionCapture
 
@@ -395,7 +428,7 @@ class Trainer:
             loss = (per_sample * weight).mean()
         else:
             loss = per_sample.mean()
-        weights = {"padding": cfg.padding_weight, "ground_nouns": cfg.ground_nouns,
+        weights = {"padding": cfg.padding_weight, "isolate": cfg.isolate_weight, "ground_nouns": cfg.ground_nouns,
                    "ground_colours": cfg.ground_colours, "pixel_nouns": cfg.ground_pixel,
                    "pixel_colours": cfg.ground_pixel}
         for name, value in terms.items():
@@ -435,13 +468,14 @@ class Trainer:
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
         card = folder / "README.md"
-        steps = None
+        steps, text = None, ""
         if card.is_file():
             import re
 
-            m = re.search(r"Phase 2, diffusion: (\d+)", card.read_text(encoding="utf-8"))
+            text = card.read_text(encoding="utf-8")
+            m = re.search(r"Phase 2, diffusion: (\d+)", text)
             steps = int(m.group(1)) if m else None
-        self.base = {"folder": str(folder), "diffusion_steps": steps}
+        self.base = {"folder": str(folder), "diffusion_steps": steps, "card": text}
         self.phase, self.step = "diffusion", 0
         self._new_optimizer()  # its EMA starts at the loaded weights
         self.vae_roundtrip = self._vae_roundtrip()
@@ -698,7 +732,18 @@ and every pair of objects of the 28 scoring prompts `binding.shapes.world.HELDOU
 
 `python -m binding teach score --out DIR` on the held-out prompts gives, per method, the rate of images with
 every object present and with every object in its own colour, paired by seed with vanilla, with 95% intervals.
-"""
+{_base_section(tr)}"""
+
+
+def _base_section(tr: Trainer) -> str:
+    """The card of the model this one was fine-tuned from, headings one level down: the lineage stays readable."""
+    text = (tr.base or {}).get("card", "")
+    if not text:
+        return ""
+    import re
+
+    body = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", text.strip(), flags=re.M)
+    return f"\n## Base model (`{tr.base.get('folder')}`)\n\n{body}\n"
 
 
 def _vae_line(tr: Trainer, vae_loss: float) -> str:
@@ -716,12 +761,15 @@ def _recipe_section(tr: Trainer) -> str:
     lines = []
     if tr.base is not None:
         steps = tr.base.get("diffusion_steps")
-        lines.append(f"- Fine-tuned from `{tr.base.get('folder')}` (recipe v1, {steps or '?'} diffusion steps). "
+        lines.append(f"- Fine-tuned from `{tr.base.get('folder')}` ({steps or '?'} diffusion steps; its card is "
+                     "kept below, under 'Base model'). "
                      + RECIPE_NOTES["init_from"])
     settings = {"ground_nouns": f"weight {cfg.ground_nouns} (pixel BCE {cfg.ground_pixel})",
                 "ground_colours": f"weight {cfg.ground_colours}",
                 "blank_padding": "on" if cfg.blank_padding else "off",
-                "padding_weight": f"weight {cfg.padding_weight}"}
+                "padding_weight": f"weight {cfg.padding_weight}",
+                "isolate_colours": "on" if cfg.isolate_colours else "off",
+                "isolate_weight": f"weight {cfg.isolate_weight}"}
     for name, value in settings.items():
         lines.append(f"- `{name}`: {value}. {RECIPE_NOTES[name]}")
     return "\n".join(lines)
