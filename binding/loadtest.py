@@ -128,15 +128,15 @@ def _generate(client, k: int, steps: int, model: str, timeout: float) -> Outcome
         return Outcome("generate", _classify(exc), time.monotonic() - start, told, str(exc)[:200])
 
 
-def _parse(http, url: str, k: int) -> Outcome:
+async def _parse(http, url: str, k: int) -> Outcome:
     """One parse as a page sends it while its visitor types: its own JSON route (``lab.LIVE_PARSE_PATH``), over
     a kept-alive connection as a browser's."""
     from binding.lab import LIVE_PARSE_PATH
 
     start = time.monotonic()
     try:
-        r = http.post(urllib.parse.urljoin(url, LIVE_PARSE_PATH.lstrip("/")),
-                      json={"prompt": f"{PROMPTS[k % len(PROMPTS)]} number {k}"})
+        r = await http.post(urllib.parse.urljoin(url, LIVE_PARSE_PATH.lstrip("/")),
+                            json={"prompt": f"{PROMPTS[k % len(PROMPTS)]} number {k}"})
         if r.status_code != 200 or "parse_html" not in r.json():
             return Outcome("parse", "failed", time.monotonic() - start, error=f"HTTP {r.status_code}: {r.text[:150]}")
         return Outcome("parse", "served", time.monotonic() - start)
@@ -144,18 +144,37 @@ def _parse(http, url: str, k: int) -> Outcome:
         return Outcome("parse", _classify(exc), time.monotonic() - start, error=str(exc)[:200])
 
 
+def _parses(url: str, n: int, timeout: float) -> list[Outcome]:
+    """``n`` parses at once from one event loop: the class's browsers are other machines, so the load generator
+    must cost this machine little (200 client threads took a core of their own)."""
+    import asyncio
+
+    import httpx
+
+    async def everyone():
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            return await asyncio.gather(*(_parse(http, url, k) for k in range(n)))
+
+    return list(asyncio.run(everyone())) if n else []
+
+
 def _visitors(url: str, n: int, pool) -> list:
-    """One gradio_client ``Client`` per visitor, made before the clock starts (a visitor loads the page once)."""
+    """One gradio_client ``Client`` per visitor, made before the clock starts, each arriving as a page does (its
+    load event, ``arrive``, where the app builds the visitor's session)."""
     from gradio_client import Client
 
-    return list(pool.map(lambda _: Client(url, verbose=False), range(n)))
+    def arrive(_):
+        client = Client(url, verbose=False)
+        client.predict(api_name="/arrive")
+        return client
+
+    return list(pool.map(arrive, range(n)))
 
 
 def run_loadtest(clients: int = 40, parses: int = 200, model: str = "tiny", steps: int = 10, url: str | None = None,
                  timeout: float = 900.0, log=print) -> Report:
     """See the module docstring. ``timeout`` bounds each request; the whole run ends within about that."""
-    import httpx
-
     if clients < 0 or parses < 0 or clients + parses == 0 or clients + parses > 1000:
         raise ValueError("give between 1 and 1000 requests in all (--clients, --parses)")
     proc = None
@@ -166,17 +185,14 @@ def run_loadtest(clients: int = 40, parses: int = 200, model: str = "tiny", step
     report = Report({"clients": clients, "parses": parses, "model": model, "steps": steps, "url": url})
     try:
         report.rss_before_mb = _rss_mb(pid)
-        with cf.ThreadPoolExecutor(max_workers=min(clients + parses, 256)) as pool:
+        with cf.ThreadPoolExecutor(max_workers=max(1, min(clients, 256))) as pool:
             people = _visitors(url, clients, cf.ThreadPoolExecutor(max_workers=8)) if clients else []
             log(f"{len(people)} visitors connected")
             t0 = time.monotonic()
             gens = [pool.submit(_generate, people[k], k, steps, model, timeout) for k in range(clients)]
             time.sleep(2.0 if clients else 0.0)  # the generations queue first, then the class types
-            http = httpx.Client(timeout=min(timeout, 120.0),
-                                limits=httpx.Limits(max_connections=parses or 1, max_keepalive_connections=parses or 1))
-            with http:
-                parses_ = [pool.submit(_parse, http, url, k) for k in range(parses)]
-                report.outcomes = [f.result() for f in gens + parses_]
+            parses_ = _parses(url, parses, min(timeout, 120.0))
+            report.outcomes = [f.result() for f in gens] + parses_
         report.wall_s = time.monotonic() - t0
         report.rss_after_mb = _rss_mb(pid)
     finally:

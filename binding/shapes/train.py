@@ -59,6 +59,7 @@ TRAIN_OPTIONS = {
     "lr": "diffusion learning rate",
     "lr_schedule": "constant (a run can be extended) or cosine (an anneal to a tenth of lr by the last step)",
     "warmup_steps": "linear warm-up steps of the learning rate",
+    "ema_decay": "decay of the exported weights' moving average (a short fine-tune needs a shorter one)",
     "init_from": "fine-tune an exported shapes model (e.g. assets/shapes): its VAE is kept, phase 1 skipped",
     "ground_nouns": "weight of the nouns' grounding term (0 = off)",
     "ground_colours": "weight of the colour words' grounding term (0 = off)",
