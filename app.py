@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a classroom or offline machine sends nothing out
@@ -38,6 +39,7 @@ from binding.models import ModelLoadError, default_model, preset
 from binding.render import display_image
 from binding.settings import RANGES, defaults_for
 
+YIELD_EVERY_S = 0.5  # how often a running job hands control back to Gradio (to be cancelled): see _events
 QUEUE_SIZE = 256  # events waiting in all (a class of 40 generating, with bursts of typing): never "queue full"
 CSS = """
 .parse-scroll svg { max-width: none !important; }
@@ -143,10 +145,16 @@ def _events(job, progress):
     wherever it runs, to stop after its current step.
     """
     events = _run_on_gpu(job)  # a name of its own: unwinding the loop below must not close it before the flag
+    last = 0.0
     try:
         for event in events:
             if event.kind == "progress":
                 progress(event.fraction, desc=event.text)
+                # Gradio can only close the generator (cancel) at a yield, and each yield of the callers' empty
+                # updates rebuilds every output component on the event loop; so at most one per YIELD_EVERY_S.
+                if time.monotonic() - last < YIELD_EVERY_S:
+                    continue
+                last = time.monotonic()
             yield event
     except GeneratorExit:  # closed while the job runs: flag first, then the worker's generator is closed
         serving.request_cancel(job.token)
@@ -175,7 +183,7 @@ def generate(prompt, rows, model, method_label, terms, steps, intervention_steps
         if event.kind == "result":
             results[event.method] = event.result
         else:
-            yield (gr.update(),) * 13
+            yield (gr.update(),) * 12
     if len(results) < 2:
         return
     result = lab.pair_result(results, request_.method)
@@ -185,7 +193,7 @@ def generate(prompt, rows, model, method_label, terms, steps, intervention_steps
     state = {"prompt": result.prompt, "result": result, "compare": None}
     yield (display_image(views.verdict_picture(result.vanilla_image, result.prompt)),
            display_image(views.verdict_picture(result.guided_image, result.prompt)), view.summary, maps.image,
-           maps.caption, view.overlaps, view.loss_plot, files, request_.seed, state, "", "", result.prompt)
+           maps.caption, view.overlaps, view.loss_plot, files, request_.seed, state, "", "")
 
 
 def compare(prompt, rows, model, steps, guidance_scale, seed, randomize_seed, request: gr.Request = None,
@@ -263,6 +271,11 @@ def on_lesson(k: int, model: str):
     """A lesson step: its text, its prompt and seed, and its pictures (computed once, then cached)."""
     step = lesson.lesson_step(k, model, run=_run_on_gpu)
     return step.text, step.prompt, step.seed, step.image
+
+
+def on_shown(state):
+    """The prompt of the pictures now on the page, for the live parse's stale notice (browser side)."""
+    return (state or {}).get("prompt", "")
 
 
 def on_arrive():
@@ -380,7 +393,7 @@ def build(model: str | None = None) -> gr.Blocks:
         banner = gr.HTML(lab.model_banner(model), elem_id="banner")
         touched = gr.State([])
         state = gr.State()
-        shown = gr.Textbox(visible=False)  # the prompt of the pictures on the page, for the live parse's notice
+        shown = gr.Textbox(visible=False, label="Shown")  # the pictures' prompt, for the live parse's notice
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=320):
                 prompt = gr.Textbox(label="Prompt (Enter generates)", value=examples[0], max_lines=2, elem_id="prompt")
@@ -491,7 +504,7 @@ def build(model: str | None = None) -> gr.Blocks:
         settings_in = [model_box, method, terms, steps, intervention, step_size, guidance, seed, randomize]
         gen_in = [prompt, pairs, *settings_in]
         gen_out = [vanilla_img, guided_img, summary, heatmaps, maps_caption, overlaps, loss_plot, files, seed, state,
-                   problems, stale, shown]
+                   problems, stale]
         parse_out = [parse_view, pairs, tokens, notice, analysis_json, problems, stale]
 
         # The live parse never reaches Gradio's events or queue: the browser asks LIVE_PARSE_PATH itself. The same
@@ -516,6 +529,7 @@ def build(model: str | None = None) -> gr.Blocks:
         sub = prompt.submit(generate, gen_in, gen_out, api_visibility="private", concurrency_limit=1,
                             concurrency_id="gpu", show_progress_on=[vanilla_img, guided_img])
         for event in (gen, sub):
+            event.then(on_shown, state, shown, api_visibility="private", queue=False, show_progress="hidden")
             event.then(on_steps_range, state, step_view, api_visibility="private").then(
                 on_layers, state, layers, api_visibility="private")
         compare_btn.click(lambda: gr.Tabs(selected="compare-tab"), None, tabs, api_visibility="private", queue=False)

@@ -695,7 +695,7 @@ def _model_card(tr: Trainer) -> str:
 
 Stable Diffusion's architecture in miniature (AutoencoderKL, UNet2DConditionModel with cross-attention,
 CLIPTextModel with the real CLIP tokenizer, SD's PNDM scheduler), trained from scratch on the procedural
-shapes world of `binding/world.py`: 64x64 images of 1-3 flat-coloured objects (circle, square, triangle,
+shapes world of `binding/shapes/world.py`: 64x64 images of 1-3 flat-coloured objects (circle, square, triangle,
 star; red, orange, yellow, green, blue, purple, pink) on white, captioned "a red circle and a blue square".
 Made to show attribute leakage on a laptop and to measure it exactly (`python -m binding teach score`).
 Not a general image model: it knows these 7 colours, 4 shapes and this caption grammar only.
