@@ -291,7 +291,6 @@ def on_cancel():
 # The page's live parse: a plain JSON route beside Gradio's, called from the browser as the visitor types. Through
 # Gradio's event machinery even a no-op costs ~15 ms of the server's one Python thread, so 200 visitors typing at
 # once waited 6-13 s for their parse; this route costs the parse and little else (see binding.loadtest).
-LIVE_PARSE_PATH = lab.LIVE_PARSE_PATH
 LIVE_PARSE_MAX_BYTES = 64_000  # a JSON-escaped prompt far past what CLIP reads; the parse itself is capped too
 
 
@@ -337,7 +336,7 @@ async (prompt, shown, ...current) => {
   return [current[0], current[1], current[2], notice, current[4], current[5], stale];
 }
 """.replace("HEAD", json.dumps(_STALE_HEAD)).replace("TAIL", json.dumps(_STALE_TAIL)).replace(
-    "PATH", json.dumps(LIVE_PARSE_PATH))
+    "PATH", json.dumps(lab.LIVE_PARSE_PATH))
 
 
 # ----------------------------------------------------------------------------------------- plumbing
@@ -507,7 +506,7 @@ def build(model: str | None = None) -> gr.Blocks:
                    problems, stale]
         parse_out = [parse_view, pairs, tokens, notice, analysis_json, problems, stale]
 
-        # The live parse never reaches Gradio's events or queue: the browser asks LIVE_PARSE_PATH itself. The same
+        # The live parse never reaches Gradio's events or queue: the browser asks lab.LIVE_PARSE_PATH itself. The same
         # parse, as an event, resets the pairs and is the API's /parse.
         prompt.change(None, [prompt, shown, *parse_out], parse_out, js=LIVE_PARSE_JS, trigger_mode="always_last",
                       show_progress="hidden")
@@ -579,7 +578,7 @@ def main() -> None:
     from starlette.routing import Route
 
     build(model).launch(server_name=args.host, server_port=args.port, css=CSS, footer_links=["api", "gradio"],
-                        app_kwargs={"routes": [Route(LIVE_PARSE_PATH, live_parse, methods=["POST"])]})
+                        app_kwargs={"routes": [Route(lab.LIVE_PARSE_PATH, live_parse, methods=["POST"])]})
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ def colour_blind_encoding(text_encoder, ids: torch.Tensor, colour_ids: torch.Ten
     return colour, text_encoder(ids, attention_mask=(~colour).long())[0]
 
 
+def _masked_mse(outputs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the encoder's outputs (B, 77, D) from ``target`` over the positions in ``mask``
+    (B, 77, 1): the text-encoder terms that keep the stock pipeline's outputs what the UNet saw in training."""
+    return ((outputs - target).pow(2) * mask).sum() / (mask.sum() * outputs.shape[-1])
+
+
 def _training_schedule():
     """SD's training noise schedule (scaled-linear betas, 1000 steps): alphas_cumprod as float64."""
     from diffusers import DDPMScheduler
@@ -403,14 +409,14 @@ class Trainer:
             empty = self.text_encoder(self._token_ids([""]))[0]
             tail = tail_mask(ids, self.tokenizer.eos_token_id)[..., None]  # EOT and every padding position
             if cfg.padding_weight:
-                terms["padding"] = ((cond - empty.detach()).pow(2) * tail).sum() / (tail.sum() * cond.shape[-1])
+                terms["padding"] = _masked_mse(cond, empty.detach(), tail)
             if cfg.blank_padding:
                 cond = torch.where(tail, empty.expand_as(cond), cond)
         if cfg.isolate_colours or cfg.isolate_weight:
             colour, blind = colour_blind_encoding(self.text_encoder, ids, self._colour_ids())
             other = (~colour & ~tail_mask(ids, self.tokenizer.eos_token_id))[..., None]  # BOS and other words
             if cfg.isolate_weight:
-                terms["isolate"] = ((cond - blind.detach()).pow(2) * other).sum() / (other.sum() * cond.shape[-1])
+                terms["isolate"] = _masked_mse(cond, blind.detach(), other)
             if cfg.isolate_colours:
                 cond = torch.where(other, blind, cond)
         if cfg.grounded:
@@ -762,8 +768,8 @@ def _recipe_section(tr: Trainer) -> str:
     lines = []
     if tr.base is not None:
         steps = tr.base.get("diffusion_steps")
-        lines.append(f"- Fine-tuned from `{tr.base.get('folder')}` ({steps or '?'} diffusion steps; its card is "
-                     "kept below, under 'Base model'). "
+        kept = "; its card is kept below, under 'Base model'" if tr.base.get("card") else ""
+        lines.append(f"- Fine-tuned from `{tr.base.get('folder')}` ({steps or '?'} diffusion steps{kept}). "
                      + RECIPE_NOTES["init_from"])
     settings = {"ground_nouns": f"weight {cfg.ground_nouns} (pixel BCE {cfg.ground_pixel})",
                 "ground_colours": f"weight {cfg.ground_colours}",
