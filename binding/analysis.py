@@ -173,10 +173,18 @@ def load_parser(name: str | None = None):
     return nlp
 
 
+_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def parser_name(nlp) -> str:
-    """How results name their parser: the package loaded and its version."""
-    package = nlp.meta.get("binding_package") or f"{nlp.meta.get('lang', '')}_{nlp.meta.get('name', '')}"
-    return f"{package} {nlp.meta.get('version', '')}".strip()
+    """How results name their parser: the package loaded and its version (kept per pipeline: spaCy rebuilds
+    ``nlp.meta`` with every label at each read, a millisecond per prompt)."""
+    name = _NAMES.get(nlp)
+    if name is None:
+        meta = nlp.meta
+        package = meta.get("binding_package") or f"{meta.get('lang', '')}_{meta.get('name', '')}"
+        name = _NAMES[nlp] = f"{package} {meta.get('version', '')}".strip()
+    return name
 
 
 class _SharedParser:
