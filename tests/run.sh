@@ -17,4 +17,4 @@ fi
 
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$#" -eq 0 ]; then set -- -m "slow or not slow"; fi  # both tiers unless told otherwise
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=25 "$@"  # the slowest 25 printed: CI must stay under 25 minutes
