@@ -232,6 +232,18 @@ def preset(name: str) -> Preset | None:
     return PRESETS.get(str(name).strip().lower())
 
 
+def preset_for(name_or_path: str) -> Preset | None:
+    """The preset whose defaults fit ``name_or_path``: the named one, or ``shapes`` for a folder holding a shapes
+    model (a fine-tune or a training candidate), which would draw nothing at Stable Diffusion's defaults."""
+    p = preset(name_or_path)
+    if p is None and os.path.isdir(os.path.expanduser(str(name_or_path))):
+        from binding.shapes.model import is_shapes_folder
+
+        if is_shapes_folder(os.path.expanduser(str(name_or_path))):
+            return PRESETS["shapes"]
+    return p
+
+
 def _preset_list() -> str:
     return "; ".join(f"{p.name} ({p.description})" for p in PRESETS.values())
 

@@ -133,12 +133,12 @@ def defaults_for(model: str | None, method: str, latent: tuple[int, int] | None 
     size scaled by ``step_size_scale`` for the ``family`` (default: the preset's) at ``latent`` (default: the
     preset's native latent size)."""
     from binding.methods import resolve_method
-    from binding.models import preset
+    from binding.models import preset_for
 
     m = resolve_method(method, None if method != "custom" else ())
     out = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE,
            "intervention_steps": m.intervention_steps, "step_size": m.step_size}
-    p = preset(model) if model else None
+    p = preset_for(model) if model else None
     family = family or (p.family if p is not None else "sd")
     out.update(FAMILY_DEFAULTS.get(family, {}))
     latent = latent or (p.latent if p is not None else None)

@@ -152,3 +152,17 @@ def test_local_folder_without_tokenizer_uses_the_shipped_one(tiny, tmp_path):
     assert models.model_name(pipe) == str(tmp_path / "ckpt")
     assert torch.equal(pipe.unet.conv_in.weight, tiny.unet.conv_in.weight)
     assert pipe.safety_checker is None
+
+
+def test_a_shapes_folder_gets_the_shapes_defaults_and_another_folder_the_papers(tiny, tmp_path):
+    """A fine-tune or training candidate given by its folder must not run at SD's 50 steps and step size 20."""
+    from binding.models import SHAPES_DEFAULTS
+    from binding.settings import defaults_for
+    from binding.shapes.model import SHAPES_DIR
+
+    shutil.copytree(SHAPES_DIR, tmp_path / "candidate")
+    d = defaults_for(str(tmp_path / "candidate"), "divide-bind")
+    assert d["steps"] == SHAPES_DEFAULTS["*"]["steps"] and d["step_size"] == SHAPES_DEFAULTS["divide-bind"]["step_size"]
+    tiny.save_pretrained(tmp_path / "sd")
+    assert defaults_for(str(tmp_path / "sd"), "syngen")["step_size"] == 20.0  # SynGen's paper value
+    assert defaults_for(str(tmp_path / "sd"), "syngen")["steps"] == 50

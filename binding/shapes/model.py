@@ -42,6 +42,7 @@ from binding.storage import replace_dir
 
 __all__ = [
     "LEGACY_RECIPE",
+    "CARD_TITLE",
     "SHAPES_DIR",
     "ShapesConfig",
     "build_models",
@@ -51,6 +52,9 @@ __all__ = [
 ]
 
 SHAPES_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "shapes"
+# The first line of every shapes model card: what marks a folder (a fine-tune, a candidate) as a shapes model,
+# so that it gets the shapes defaults and not Stable Diffusion's.
+CARD_TITLE = "# shapes: a teaching text-to-image model"
 # The recipe fields of v2 with the values v1 (the first shipped model) was trained with.
 LEGACY_RECIPE = dict(ground_nouns=0.0, ground_colours=0.0, ground_pixel=0.0, blank_padding=False, padding_weight=0.0,
                      lr_schedule="constant", isolate_colours=False, isolate_weight=0.0)
@@ -257,6 +261,16 @@ class _quiet:
             dl.enable_progress_bar()
         if self.was[1]:
             tl.enable_progress_bar()
+
+
+def is_shapes_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a model trained on the shapes world (its card says so)."""
+    card = Path(folder) / "README.md"
+    try:
+        with card.open(encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() == CARD_TITLE
+    except OSError:
+        return False
 
 
 def build_shapes_pipeline(folder: str | Path | None = None, device: str | torch.device | None = None, dtype=None):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from binding.shapes import world
 from binding.shapes.grounding import grounding_terms, object_targets, tail_mask
 from binding.shapes.model import (
+    CARD_TITLE,
     ShapesConfig,
     _count,
     build_models,
@@ -697,7 +698,7 @@ def _model_card(tr: Trainer) -> str:
         f"heads, CLIP's vocabulary | {_count(tr.text_encoder) / 1e6:.2f}M |",
     ]
     table = "\n".join(["| part | configuration | parameters |", "|---|---|---|", *rows])
-    return f"""# shapes: a teaching text-to-image model
+    return f"""{CARD_TITLE}
 
 Stable Diffusion's architecture in miniature (AutoencoderKL, UNet2DConditionModel with cross-attention,
 CLIPTextModel with the real CLIP tokenizer, SD's PNDM scheduler), trained from scratch on the procedural
