@@ -111,12 +111,13 @@ SHAPES_EXAMPLES = (
     "a purple circle and a blue square",
     "a pink square and a red star",
 )
-# Measured on the shipped model (assets/shapes/README.md): at the papers' guidance scale 7.5 it oversaturates
-# (both objects present in 14% of pictures); at 3 vanilla binds too well to show a leak on held-out prompts
-# (bound 0.83 x present); 5 keeps vanilla's binding failures (0.59 x present) with most objects drawn. Step
-# sizes: the calibration sweep (separate prompts) at 2, 5, 10 and 20; the papers' 20 dissolves the picture.
+# Measured on the shipped model (assets/shapes/README.md). Guidance 5: at the papers' 7.5 the teaching models
+# oversaturate, at 3 vanilla binds too well to show a leak on held-out prompts. SynGen's step size and intervened
+# steps: a sweep on separate prompts (shapes-calibration, 28 x 4 seeds) on v3, bound - vanilla at ss 1 / 2 / 4 / 8
+# (10 of 20 steps guided) +0.125 / +0.152 / +0.045 / -0.045, at ss 2 with 5 / 10 / 15 guided +0.098 / +0.152 /
+# +0.188. D&B's 5 and A&E's 2: a step-size sweep on v2 (not redone on v3).
 SHAPES_DEFAULTS = {
-    "*": {"steps": 20, "intervention_steps": 10, "guidance_scale": 5.0},
+    "*": {"steps": 20, "intervention_steps": 15, "guidance_scale": 5.0},
     "syngen": {"step_size": 2.0},
     "attend-excite": {"step_size": 2.0},
     "divide-bind": {"step_size": 5.0},
