@@ -151,3 +151,37 @@ def test_measured_examples_drive_the_shapes_examples_seeds_and_fix_rates(monkeyp
     assert lab.example_seed("tiny", "a red star and a blue circle") == 0
     run = SimpleNamespace(prompt="a red star and a blue circle", settings={"model": "shapes", "method": "syngen"})
     assert "leaks on 4 of 4 seeds" in lab.fix_rate_line(run) and "fixes 2 of those" in lab.fix_rate_line(run)
+
+
+def test_lesson_sentences_say_what_the_run_measured():
+    """The lesson's "why" and "fix" sentences are read off the run's maps (the least well-placed colour word, its
+    overlaps before and after) and the measured table's totals, never a fixed claim."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from binding import lesson
+    from binding.analysis import analyze
+
+    a = analyze("a yellow star and a blue triangle")
+    pos = {w.text: w.token_indices[0] for b in a.bindings for w in (b.noun, *b.modifiers)}
+    left, right = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32)
+    left[:, :2], right[:, 2:] = 1, 1
+
+    def maps(yellow_on):  # star on the left, triangle on the right; "blue" on the triangle
+        m = np.zeros((3, 4, 4, 77), np.float32)
+        for word, where in (("star", left), ("triangle", right), ("blue", right), ("yellow", yellow_on)):
+            m[..., pos[word]] = where
+        return m
+
+    runs = {"vanilla": maps(right), "guided": maps(left)}
+    r = SimpleNamespace(maps=runs.get, bindings=a.bindings, subjects=list(a.nouns), settings={"intervention_steps": 2})
+    why = lesson._where_maps_lie(r, "vanilla")
+    assert "*yellow* lies on the triangle (overlap 1.00) more than on its own star (0.00)" in why
+    assert "overlaps its star 1.00 (was 0.00) and the triangle 0.00 (was 1.00)" in lesson._how_maps_moved(r)
+    assert "already lies mostly on its own star" in lesson._where_maps_lie(r, "guided")
+    table = {"prompts": {"p": {"seeds": 8, "vanilla_unbound": 5, "fixed": {"syngen": 3}},
+                         "q": {"seeds": 8, "vanilla_unbound": 2, "fixed": {"syngen": 0}}}}
+    assert "over the 2 held-out prompts x 8 seeds, SynGen fixed 3 of the 7 pictures" in lesson._measured_rate(
+        table, "syngen", "SynGen")
+    assert lesson._measured_rate({}, "syngen", "SynGen") == ""
