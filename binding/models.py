@@ -115,7 +115,8 @@ SHAPES_EXAMPLES = (
 # oversaturate, at 3 vanilla binds too well to show a leak on held-out prompts. SynGen's step size and intervened
 # steps: a sweep on separate prompts (shapes-calibration, 28 x 4 seeds) on v3, bound - vanilla at ss 1 / 2 / 4 / 8
 # (10 of 20 steps guided) +0.125 / +0.152 / +0.045 / -0.045, at ss 2 with 5 / 10 / 15 guided +0.098 / +0.152 /
-# +0.188. D&B's 5 and A&E's 2: a step-size sweep on v2 (not redone on v3).
+# +0.188. D&B's 5 and A&E's 2: swept again on v3 (the same prompts x 2 seeds, 15 of 20 guided) at 2 / 5 / 10:
+# D&B -0.054 / +0.018 / -0.018, A&E -0.071 / -0.054 / -0.161; neither binds at any size (the card says why).
 SHAPES_DEFAULTS = {
     "*": {"steps": 20, "intervention_steps": 15, "guidance_scale": 5.0},
     "syngen": {"step_size": 2.0},
