@@ -483,7 +483,7 @@ def build(model: str | None = None) -> gr.Blocks:
                 gr.Markdown("Three steps for a class, on the teaching model. Each loads its example and seed.")
                 with gr.Row():
                     lesson_btns = [gr.Button(title, size="sm") for title in lesson.LESSON_TITLES]
-                lesson_text = gr.Markdown(elem_classes=["lesson-text"])
+                lesson_text = gr.Markdown(elem_classes=["lesson-text"], elem_id="lesson-text")
                 lesson_img = gr.Image(label="", type="pil", format="png", show_label=False, elem_id="lesson-image")
             with gr.Tab("Settings", id="settings"):
                 with gr.Row():

@@ -155,9 +155,12 @@ def test_teaching_model_is_the_offline_default(browser):
         expect(summary).to_contain_text("scorer, vanilla:")
         page.screenshot(path=str(ARTIFACTS / "8-teaching-model.png"), full_page=False)
         page.get_by_role("tab", name="Lesson").click()
-        for k, title in enumerate(("1 · The leak", "2 · Why it happens", "3 · The fix")):
+        steps = (("1 · The leak", "The leak."), ("2 · Why it happens", "overlap"), ("3 · The fix", "held-out prompts"))
+        for k, (title, words) in enumerate(steps):  # the "why" and "fix" steps state the run's measured overlaps
             page.get_by_role("button", name=title).click()
+            expect(page.locator("#lesson-text")).to_contain_text(words, timeout=180_000)
             expect(page.locator("#lesson-image img")).to_be_visible(timeout=180_000)
+            expect(page.get_by_text("processing")).to_have_count(0, timeout=60_000)  # the step, not its loading
             page.screenshot(path=str(ARTIFACTS / f"9-lesson-{k + 1}.png"), full_page=True)
         page.close()
         phone = browser.new_page(viewport={"width": 390, "height": 844})
