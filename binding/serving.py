@@ -291,8 +291,8 @@ class Worker:
 
 
 # A UNet pass of the SDXL family at its 1024 px against SD 1.x's at 512 px. Counted FLOPs are 8.4x (6.76 against
-# 0.80 TFLOP a forward, torch's FlopCounterMode on the published configs), and so is a CPU's time (the bf16 bench:
-# fwd+bwd 70.3 s against 8.4 s). A GPU runs SD 1.x at 512 px far below its peak, so per-step wall time there is
+# 0.80 TFLOP a forward, torch's FlopCounterMode on the published configs); a CPU's time is 6.2x (the bf16 bench:
+# fwd+bwd 51.6 s against 8.3 s). A GPU runs SD 1.x at 512 px far below its peak, so per-step wall time there is
 # nearer 4x: public A100 figures, not measured here, give SDXL 0.12 s a step at 1024 px (30 steps in 3.7 s, plain
 # diffusers) and SD 1.5 0.032 s at 512 px (31 it/s). The per-pass seconds below are 7-9x those, which covers the
 # gap. Check it with `bench --gpu-check --model arch:sdxl --size 1024` on a GPU.
