@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from binding.lab import allowed_models, md, pair_result, shapes_table
 from binding.methods import METHODS
-from binding.views import maps_view, shapes_verdict, side_by_side, verdict_picture
+from binding.views import guided_passes, maps_view, shapes_verdict, side_by_side, verdict_picture
 
 LESSON_TITLES = ("1 · The leak", "2 · Why it happens", "3 · The fix")
 
@@ -83,7 +83,7 @@ def _guided_span_overlaps(result, run: str):
     maps = result.maps(run)
     if maps is None or not len(maps) or not result.bindings:
         return []
-    n = max(1, min(int(result.settings.get("intervention_steps") or len(maps)), len(maps)))
+    n = guided_passes(result, len(maps))
     return binding_overlaps(maps[:n].mean(0).astype("float32"), result.bindings, result.subjects)
 
 

@@ -75,6 +75,11 @@ def short_layer(name: str) -> str:
     return f"{parts[0].split('_')[0]} {parts[1]}.{parts[3] if len(parts) > 3 else 0}"
 
 
+def guided_passes(result, n_steps: int) -> int:
+    """How many of a run's ``n_steps`` recorded passes were guided (the span of the "guided steps" view)."""
+    return max(1, min(int(result.settings.get("intervention_steps") or n_steps), n_steps))
+
+
 def maps_view(result, step: int | None = None, view: str = "step", scale: str = "row", mask: bool = False,
               function_words: bool = False, layers=None, opacity: float = DEFAULT_OPACITY, cell: int = 160) -> MapsView:
     """Cross-attention of each word as evidence: for both runs, on a comparable colour scale (see ``MAP_VIEWS``).
@@ -89,7 +94,7 @@ def maps_view(result, step: int | None = None, view: str = "step", scale: str = 
     if not n_steps:
         return MapsView(_blank(), "No attention maps were recorded for this run.", 0)
     step = n_steps if step is None else max(1, min(int(step), n_steps))
-    guided_n = max(1, min(int(result.settings.get("intervention_steps") or n_steps), n_steps))
+    guided_n = guided_passes(result, n_steps)
     span = {"step": slice(step - 1, step), "guided steps": slice(0, guided_n), "all steps": slice(0, n_steps)}[view]
     rows, used = [], ""
     for run in ("vanilla", "guided"):
