@@ -108,12 +108,12 @@ def _where_maps_lie(result, run: str) -> str:
 
 def _how_maps_moved(result) -> str:
     """Step 3's sentence: how the telling modifier's overlaps changed from vanilla to guided."""
-    before = _guided_span_overlaps(result, "vanilla")
-    after = {(o.modifier, o.noun): o for o in _guided_span_overlaps(result, "guided")}
-    o = _worst(before)
-    if o is None or not o.other_noun or (o.modifier, o.noun) not in after:
+    pairs = list(zip(_guided_span_overlaps(result, "vanilla"), _guided_span_overlaps(result, "guided")))  # same bindings
+    if not pairs:
         return ""
-    g = after[(o.modifier, o.noun)]
+    o, g = min(pairs, key=lambda p: p[0].margin)  # the pair _where_maps_lie tells of
+    if not o.other_noun:
+        return ""
     return (f"The map of *{md(o.modifier)}* now overlaps its {md(o.noun)} {g.own:.2f} (was {o.own:.2f}) and the "
             f"{md(g.other_noun)} {g.other:.2f} (was {o.other:.2f}).")
 
